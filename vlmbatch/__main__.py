@@ -1,0 +1,3 @@
+from vlmbatch.cli import main
+
+main()
