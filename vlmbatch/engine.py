@@ -1,0 +1,205 @@
+"""The inference engine: vision tower once per image, then continuous batching over a KV cache.
+
+The cache has a fixed number of slots. Requests wait in a bounded window; whenever enough slots are
+free, the oldest waiting request and those closest to it in prompt length are prefilled together into
+the lowest free slots (so padding stays small). Every step decodes one token for all live slots; a
+finished sequence frees its slot at once, so short captions never wait for long ones.
+
+Beam search couples beams, so with num_beams > 1 the engine runs length-bucketed static batches
+through `generation.beam_search` instead.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from vlmbatch.generation import GenerationSettings, TokenSelector, beam_search
+from vlmbatch.model.paligemma import PaliGemma
+from vlmbatch.processor import Processor
+
+
+@dataclass
+class ImageWork:
+    """One decoded image (uint8 [S, S, 3]) and the prompts to run on it: (key, prompt token ids)."""
+
+    pixels: np.ndarray
+    prompts: Sequence[tuple[Hashable, list[int]]]
+
+
+@dataclass
+class Completion:
+    key: Hashable
+    tokens: list[int]  # generated ids, without the final <eos>
+    finish_reason: str  # "eos" | "length"
+
+
+@dataclass
+class _Request:
+    key: Hashable
+    ids: list[int]
+    features: torch.Tensor  # [num_image_tokens, hidden], shared by the questions of one image
+
+
+@dataclass
+class EngineStats:
+    images: int = 0
+    requests: int = 0
+    prefills: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    slot_steps: int = 0  # sum over decode steps of rows computed (live or not)
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model: PaliGemma, settings: GenerationSettings, *, max_slots: int = 32,
+                 max_prompt_len: int | None = None, vision_batch: int | None = None, sync_every: int | None = None):
+        self.model = model
+        self.settings = settings
+        self.device = model.device
+        self.eos = model.cfg.eos_token_id
+        self.pad = model.cfg.pad_token_id
+        self.max_prompt_len = max_prompt_len or model.cfg.num_image_tokens + 1 + 64
+        self.slots = max_slots
+        self.vision_batch = vision_batch or max(1, min(max_slots, 16))
+        self.window = 4 * max_slots  # how many waiting requests bucketing may choose among
+        # Reading finished flags back is a host-device sync; on a GPU do it every few steps only.
+        self.sync_every = sync_every or (4 if self.device.type == "cuda" else 1)
+        self.select = TokenSelector(settings, self.device)
+        self.stats = EngineStats()
+
+    # -- public -----------------------------------------------------------------------------------
+    def run(self, work: Iterable[ImageWork]) -> Iterator[Completion]:
+        """Generate for every prompt of every image; completions arrive as they finish."""
+        requests = self._requests(iter(work))
+        if self.settings.num_beams > 1:
+            yield from self._run_beams(requests)
+        else:
+            yield from self._run_continuous(requests)
+
+    # -- vision -----------------------------------------------------------------------------------
+    def _requests(self, work: Iterator[ImageWork]) -> Iterator[_Request]:
+        """Encode images in batches and expand them into one request per prompt."""
+        while True:
+            batch = [w for _, w in zip(range(self.vision_batch), work)]
+            if not batch:
+                return
+            pixels = torch.from_numpy(np.stack([w.pixels for w in batch]))
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory()
+            pixels = Processor.normalize(pixels.to(self.device, non_blocking=True))
+            features = self.model.encode_images(pixels)
+            self.stats.images += len(batch)
+            for w, feats in zip(batch, features):
+                for key, ids in w.prompts:
+                    if len(ids) > self.max_prompt_len:
+                        raise ValueError(f"prompt of {len(ids)} tokens exceeds max_prompt_len {self.max_prompt_len}")
+                    self.stats.requests += 1
+                    yield _Request(key, ids, feats)
+
+    def _fill(self, waiting: deque, requests: Iterator[_Request]) -> bool:
+        """Top up the waiting window; False once the input is exhausted."""
+        while len(waiting) < self.window:
+            request = next(requests, None)
+            if request is None:
+                return False
+            waiting.append(request)
+        return True
+
+    def _take_bucket(self, waiting: deque, n: int) -> list[_Request]:
+        """The oldest waiting request plus the n-1 closest to it in prompt length."""
+        target = len(waiting[0].ids)
+        chosen = sorted(range(len(waiting)), key=lambda i: (abs(len(waiting[i].ids) - target), i))[:n]
+        picked = [waiting[i] for i in sorted(chosen)]
+        for i in sorted(chosen, reverse=True):
+            del waiting[i]
+        return picked
+
+    def _collate(self, group: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids [B, T], lengths [B] and image features [B, N, H] of a group of requests."""
+        lengths = torch.tensor([len(r.ids) for r in group])
+        ids = torch.full((len(group), int(lengths.max())), self.pad, dtype=torch.long)
+        for i, r in enumerate(group):
+            ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        self.stats.prefills += 1
+        return ids.to(self.device), lengths.to(self.device), torch.stack([r.features for r in group])
+
+    # -- greedy / sampling: continuous batching ---------------------------------------------------
+    def _run_continuous(self, requests: Iterator[_Request]) -> Iterator[Completion]:
+        s, steps, dev = self.slots, self.settings.max_new_tokens, self.device
+        cache = self.model.allocate_cache(s, self.max_prompt_len + steps)
+        token = torch.full((s,), self.pad, dtype=torch.long, device=dev)  # last token of each slot
+        col = torch.zeros(s, dtype=torch.long, device=dev)  # cache column the next token goes to
+        count = torch.zeros(s, dtype=torch.long, device=dev)  # tokens generated so far
+        done = torch.ones(s, dtype=torch.bool, device=dev)
+        out = torch.full((s, steps + 1), self.pad, dtype=torch.long, device=dev)  # last column: discard
+        owner: dict[int, Hashable] = {}  # live slot → request key
+        waiting: deque[_Request] = deque()
+        more = True
+        admit_at = max(1, s // 4)  # batch prefills a little rather than prefilling one by one
+        since_sync = 0
+
+        while True:
+            more = more and self._fill(waiting, requests)
+            free = [i for i in range(s) if i not in owner]
+            if waiting and free and (len(free) >= admit_at or not owner or not more):
+                group = self._take_bucket(waiting, len(free))
+                rows = torch.tensor(free[: len(group)], device=dev)
+                ids, lengths, features = self._collate(group)
+                logits = self.model.prefill(ids, lengths, features, cache, rows)
+                first = self.select(logits)
+                token[rows], col[rows], count[rows] = first, lengths, 1
+                out[rows, 0] = first
+                done[rows] = (first == self.eos) | (steps == 1)
+                owner.update({int(r): req.key for r, req in zip(rows.tolist(), group)})
+                since_sync = self.sync_every  # look at the new rows before decoding
+            if not owner:
+                if waiting or more:
+                    continue
+                return
+            if since_sync >= self.sync_every:
+                since_sync = 0
+                finished = [i for i in done.nonzero()[:, 0].tolist() if i in owner]
+                for i in finished:
+                    yield self._completion(owner.pop(i), out[i, : int(count[i])].tolist())
+                if finished:
+                    continue  # refill the freed slots before the next decode step
+            hi = max(owner) + 1
+            live = ~done[:hi]
+            logits = self.model.decode(token[:hi], col[:hi], cache, width=int(col[:hi].max()) + 1)
+            nxt = torch.where(live, self.select(logits), self.pad)
+            out[:hi].scatter_(1, torch.where(live, count[:hi], steps)[:, None], nxt[:, None])
+            token[:hi] = nxt
+            col[:hi] += live.long()
+            count[:hi] += live.long()
+            done[:hi] |= live & ((nxt == self.eos) | (count[:hi] >= steps))
+            self.stats.decode_steps += 1
+            self.stats.slot_steps += hi
+            since_sync += 1
+
+    def _completion(self, key: Hashable, tokens: list[int]) -> Completion:
+        self.stats.generated_tokens += len(tokens)
+        if tokens and tokens[-1] == self.eos:
+            return Completion(key, tokens[:-1], "eos")
+        return Completion(key, tokens, "length")
+
+    # -- beam search: static, length-bucketed batches ----------------------------------------------
+    def _run_beams(self, requests: Iterator[_Request]) -> Iterator[Completion]:
+        per_batch = max(1, self.slots // self.settings.num_beams)
+        waiting: deque[_Request] = deque()
+        more = True
+        while True:
+            more = more and self._fill(waiting, requests)
+            if not waiting:
+                return
+            group = self._take_bucket(waiting, per_batch)
+            ids, lengths, features = self._collate(group)
+            results = beam_search(self.model, ids, lengths, features, self.settings, self.eos)
+            for request, result in zip(group, results):
+                self.stats.generated_tokens += len(result.tokens)
+                yield Completion(request.key, result.tokens, result.finish_reason)

@@ -1,0 +1,151 @@
+"""Decoding rules: generation settings, next-token selection, and beam search.
+
+Greedy and sampling are per-token rules that the continuous-batching `Engine` applies to whatever rows
+are live. Beam search couples a request's beams, so it runs on a static batch here; it follows
+transformers' beam search exactly (top 2·beams candidates per step, finished scores divided by the
+generated length, its early-stop heuristic), so outputs are token-identical to the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vlmbatch.model.paligemma import PaliGemma
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    length_penalty: float = 1.0  # beam search only, as in transformers
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("beam search with sampling is not supported: use --num-beams 1 with --temperature")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TokenSelector:
+    """Greedy argmax, or temperature + nucleus (top-p) sampling from a seeded generator."""
+
+    def __init__(self, settings: GenerationSettings, device: torch.device):
+        self.settings = settings
+        self.generator = None
+        if settings.sampling:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.settings.sampling:
+            return logits.argmax(dim=-1)
+        logits = logits / self.settings.temperature
+        if self.settings.top_p < 1.0:
+            logits = top_p_filter(logits, self.settings.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass
+class BeamOutput:
+    tokens: list[int]  # without the final <eos>
+    finish_reason: str  # "eos" or "length"
+
+
+@torch.inference_mode()
+def beam_search(model: PaliGemma, ids: torch.Tensor, lengths: torch.Tensor, image_features: torch.Tensor,
+                settings: GenerationSettings, eos_id: int) -> list[BeamOutput]:
+    """Beam search for a right-padded batch of prompts; one best sequence per prompt."""
+    n, k, steps = len(ids), settings.num_beams, settings.max_new_tokens
+    keep = 2 * k  # candidates per step: enough that k stay alive when k of them end with <eos>
+    device = ids.device
+    cache = model.allocate_cache(n * k, int(lengths.max()) + steps)
+    logits = model.prefill(ids, lengths, image_features, cache, rows=torch.arange(n, device=device) * k)
+    for beam in range(1, k):  # every beam starts from its prompt's cache
+        cache.copy_rows(torch.arange(n, device=device) * k + beam, torch.arange(n, device=device) * k)
+    logits = logits.repeat_interleave(k, dim=0)
+    cols = lengths.to(device).repeat_interleave(k)
+
+    running = torch.zeros(n, k, steps, dtype=torch.long, device=device)
+    running_scores = torch.full((n, k), -1e9, device=device)
+    running_scores[:, 0] = 0.0  # at first all beams are the same: only one may expand
+    done = torch.zeros(n, k, steps, dtype=torch.long, device=device)
+    done_scores = torch.full((n, k), -1e9, device=device)
+    done_len = torch.zeros(n, k, dtype=torch.long, device=device)
+    done_flag = torch.zeros(n, k, dtype=torch.bool, device=device)
+    improvable = torch.ones(n, 1, dtype=torch.bool, device=device)
+    top_k_mask = torch.arange(keep, device=device) < k
+    batch_offset = torch.arange(n, device=device)[:, None] * k
+
+    for t in range(steps):
+        vocab = logits.shape[-1]
+        scores = torch.log_softmax(logits, dim=-1).view(n, k, vocab) + running_scores[..., None]
+        cand_scores, flat = torch.topk(scores.view(n, -1), keep)
+        cand_beam, cand_token = flat // vocab, flat % vocab
+        cand = running.gather(1, cand_beam[..., None].expand(-1, -1, steps)).clone()
+        cand[:, :, t] = cand_token
+        ends = (cand_token == eos_id) | (t + 1 >= steps)
+
+        # Beams that go on: the best k candidates that did not just end.
+        alive_scores = cand_scores + ends.float() * -1e9
+        nxt = torch.topk(alive_scores, k).indices
+        running = cand.gather(1, nxt[..., None].expand(-1, -1, steps))
+        running_scores = alive_scores.gather(1, nxt)
+        source_beam = cand_beam.gather(1, nxt)
+
+        # Finished hypotheses: merge those that just ended (among the top k) with the kept ones.
+        final = cand_scores / ((t + 1) ** settings.length_penalty)
+        final = final + (~improvable).float() * -1e9 + (~(ends & top_k_mask)).float() * -1e9
+        merged_scores = torch.cat((done_scores, final), dim=1)
+        best = torch.topk(merged_scores, k).indices
+        done = torch.cat((done, cand), dim=1).gather(1, best[..., None].expand(-1, -1, steps))
+        done_scores = merged_scores.gather(1, best)
+        done_len = torch.cat((done_len, torch.full_like(cand_token, t + 1)), dim=1).gather(1, best)
+        done_flag = torch.cat((done_flag, ends & top_k_mask), dim=1).gather(1, best)
+
+        # Early stop: can the best running beam still beat the worst finished one?
+        best_running = running_scores[:, :1] / ((t + 1) ** settings.length_penalty)
+        worst_done = torch.where(done_flag, done_scores.min(dim=1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
+        if not improvable.any() or ends.all() or t + 1 == steps:
+            break
+
+        rows = (source_beam + batch_offset).flatten()
+        cache.copy_rows(torch.arange(n * k, device=device), rows)
+        logits = model.decode(running[:, :, t].flatten(), cols + t, cache)
+
+    return [_beam_output(done[i, 0, : done_len[i, 0]].tolist(), eos_id) for i in range(n)]
+
+
+def _beam_output(tokens: list[int], eos_id: int) -> BeamOutput:
+    if tokens and tokens[-1] == eos_id:
+        return BeamOutput(tokens[:-1], "eos")
+    return BeamOutput(tokens, "length")

@@ -1,0 +1,199 @@
+"""Find a PaliGemma checkpoint (local directory or Hub id) and load its safetensors into `PaliGemma`.
+
+Three weight-name layouts are accepted, all renamed to this package's module names by prefix:
+the Hub's published one (`vision_tower.vision_model.*`, `language_model.model.*`,
+`multi_modal_projector.linear.*`, optional `language_model.lm_head.weight`), the one transformers 5
+saves (`vision_tower.*` without `vision_model`), and transformers' in-memory one (`model.*`, `lm_head.*`).
+Pickle checkpoints are refused: loading one can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.model.config import PaliGemmaConfig
+from vlmbatch.model.gemma import RotaryEmbedding
+from vlmbatch.model.paligemma import PaliGemma
+
+# Most specific prefix first: the first rule that matches a name renames it.
+_PREFIX_RULES = (
+    ("model.vision_tower.vision_model.", "vision."),
+    ("vision_tower.vision_model.", "vision."),
+    ("model.vision_tower.", "vision."),
+    ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.linear.", "projector."),
+    ("multi_modal_projector.linear.", "projector."),
+    ("language_model.model.", "text."),
+    ("model.language_model.", "text."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+)
+# Tensors some checkpoints carry that PaliGemma never uses: SigLIP's pooling head (PaliGemma takes the
+# patch features), and buffers the model recomputes.
+_UNUSED_PREFIXES = ("vision.head.",)
+_UNUSED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
+
+_CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                     "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                     "processor_config.json", "generation_config.json"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint directory and what identifies it."""
+
+    path: Path
+    name: str  # what the user passed: a Hub id or a local path
+
+    @property
+    def config(self) -> PaliGemmaConfig:
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise VlmbatchError(f"{self.name}: no config.json in {self.path}")
+        try:
+            return PaliGemmaConfig.from_json_file(config_file)
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise VlmbatchError(f"{self.name}: cannot read config.json: {exc}") from None
+
+    def weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (self.path / s).is_file()]
+            if missing:
+                raise VlmbatchError(f"{self.name}: shards listed in model.safetensors.index.json are missing: "
+                                    f"{', '.join(missing)}")
+            return [self.path / s for s in shards]
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt*"))
+        if pickles:
+            raise VlmbatchError(f"{self.name}: only pickle weights found ({', '.join(pickles)}); vlmbatch loads "
+                                "safetensors only, since unpickling can run arbitrary code. Convert the "
+                                "checkpoint to safetensors first.")
+        raise VlmbatchError(f"{self.name}: no *.safetensors weights in {self.path}")
+
+    def fingerprint(self) -> str:
+        """A cheap identity of the weights: each file's name, size and safetensors header, plus its
+        last MiB (a full hash of multi-GB files would cost more than loading them)."""
+        digest = hashlib.sha256()
+        for file in self.weight_files():
+            size = file.stat().st_size
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(file.name.encode() + size.to_bytes(8, "little") + f.read(header_len))
+                f.seek(max(0, size - (1 << 20)))
+                digest.update(f.read())
+        return digest.hexdigest()[:16]
+
+
+def resolve_checkpoint(model: str) -> Checkpoint:
+    """A local directory, or a Hub id fetched into (or found in) the Hugging Face cache."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return Checkpoint(local, model)
+    if local.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise VlmbatchError(f"model not found: {model} is neither a checkpoint directory nor a Hub id (owner/name)")
+    return Checkpoint(_download(model), model)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES, token=os.environ.get("HF_TOKEN")))
+    except GatedRepoError:
+        raise VlmbatchError(f"{repo_id} is gated: accept its license on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise VlmbatchError(f"model not found on the Hub: {repo_id} (for a gated repo, set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise VlmbatchError(f"cannot download {repo_id}: offline and not in the Hugging Face cache; "
+                            "pass a local checkpoint directory with --model") from None
+    except OSError as exc:
+        raise VlmbatchError(f"cannot download {repo_id}: {exc}") from None
+
+
+def canonical_name(name: str) -> str | None:
+    """This package's parameter name for a checkpoint tensor name, None for a tensor PaliGemma never uses."""
+    for prefix, target in _PREFIX_RULES:
+        if name.startswith(prefix):
+            name = target + name[len(prefix):]
+            break
+    if name.startswith(_UNUSED_PREFIXES) or name.endswith(_UNUSED_SUFFIXES):
+        return None
+    return name
+
+
+def read_state_dict(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All used tensors of the checkpoint under canonical names."""
+    state: dict[str, torch.Tensor] = {}
+    for file in checkpoint.weight_files():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                target = canonical_name(name)
+                if target is not None:
+                    state[target] = f.get_tensor(name)
+    return state
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> PaliGemma:
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    cfg = checkpoint.config
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    state = read_state_dict(checkpoint, device)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: the head is the embedding matrix
+    _check_names(checkpoint, model, state)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.text.embed_tokens.weight
+    _rebuild_buffers(model, device)
+    return model.eval()
+
+
+def _check_names(checkpoint: Checkpoint, model: PaliGemma, state: dict[str, torch.Tensor]) -> None:
+    expected = {name for name, _ in model.named_parameters()}
+    if model.cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_some(unexpected)}")
+    if problems:
+        raise VlmbatchError(f"{checkpoint.name}: weights do not match the config ({'; '.join(problems)})")
+    params = dict(model.named_parameters())
+    wrong = [f"{n} {tuple(t.shape)} (expected {tuple(params[n].shape)})"
+             for n, t in state.items() if t.shape != params[n].shape]
+    if wrong:
+        raise VlmbatchError(f"{checkpoint.name}: tensor shapes do not match the config: {_some(wrong)}")
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _rebuild_buffers(model: PaliGemma, device: torch.device) -> None:
+    """Non-persistent buffers were created on the meta device; compute them for real."""
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            fresh = RotaryEmbedding(model.cfg.text.head_dim, model.cfg.text.rope_theta)
+            module.inv_freq = fresh.inv_freq.to(device)
