@@ -11,6 +11,7 @@ import io
 import os
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from vlmbatch.errors import ImageDecodeError
@@ -60,3 +61,13 @@ def load_image(ref: ImageRef) -> Image.Image:
         raise ImageDecodeError("not an image Pillow can identify") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
+
+
+def resize_square(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB image → uint8 [size, size, 3], bicubic like the reference processor."""
+    return np.asarray(image.resize((size, size), resample=Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def load_resized(ref: ImageRef, size: int) -> np.ndarray:
+    """Decode, orient, convert and resize; what the background workers do for each image."""
+    return resize_square(load_image(ref), size)

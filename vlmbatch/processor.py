@@ -16,9 +16,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.images import load_image
+from vlmbatch.images import resize_square
 from vlmbatch.model.config import PaliGemmaConfig
-from vlmbatch.records import ImageRef
 
 # Detection and segmentation outputs are made of these; they are ordinary text in PaliGemma's answers.
 _KEPT_SPECIAL = re.compile(r"<loc\d{4}>|<seg\d{3}>")
@@ -52,15 +51,6 @@ class Processor:
     # -- images ---------------------------------------------------------------------------------
     # Split in two so workers ship 8-bit pixels (4x smaller than float32) and normalization runs
     # where the model is; both halves together equal the reference's float32 arithmetic bit for bit.
-    def resize(self, image: Image.Image) -> np.ndarray:
-        """An RGB image → uint8 [S, S, 3], bicubic like the reference."""
-        resized = image.resize((self.image_size, self.image_size), resample=Image.Resampling.BICUBIC)
-        return np.asarray(resized, dtype=np.uint8)
-
-    def load_resized(self, ref: ImageRef) -> np.ndarray:
-        """Decode and resize; raises `ImageDecodeError` for unreadable images."""
-        return self.resize(load_image(ref))
-
     @staticmethod
     def normalize(pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] → float32 [B, 3, S, S] in [-1, 1] (rescale 1/255, mean 0.5, std 0.5)."""
@@ -69,7 +59,7 @@ class Processor:
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB images → the model's float32 input [B, 3, S, S]."""
-        return self.normalize(torch.from_numpy(np.stack([self.resize(image) for image in images])))
+        return self.normalize(torch.from_numpy(np.stack([resize_square(image, self.image_size) for image in images])))
 
     # -- text -----------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:

@@ -1,0 +1,98 @@
+"""Checkpoint resolution and loading: three weight-name layouts, shards, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from factory import drop_tensor, make_bin_checkpoint, make_checkpoint
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.model.config import PaliGemmaConfig
+from vlmbatch.model.loading import canonical_name, load_model, resolve_checkpoint
+
+
+def state(path):
+    return {k: v.clone() for k, v in load_model(resolve_checkpoint(str(path))).state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["pg1_tied", "pg1_untied", "pg2"])
+def test_every_layout_loads_identical_weights(make_ckpt, variant):
+    reference = state(make_ckpt(variant, "transformers", image_size=28).path)
+    for layout, shards in [("hub", 1), ("memory", 1), ("hub", 3), ("transformers", 2)]:
+        loaded = state(make_ckpt(variant, layout, image_size=28, shards=shards).path)
+        assert loaded.keys() == reference.keys(), (layout, shards)
+        for name, tensor in reference.items():
+            assert torch.equal(loaded[name], tensor), (layout, shards, name)
+
+
+def test_loaded_weights_equal_the_reference_models(make_ckpt):
+    ckpt = make_ckpt("pg2", "hub", image_size=28)
+    ours = load_model(resolve_checkpoint(str(ckpt.path))).state_dict()
+    theirs = {canonical_name(k): v for k, v in ckpt.hf.state_dict().items()}
+    for name, tensor in ours.items():
+        if name.startswith("text.rotary"):
+            continue
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def test_tied_head_shares_the_embedding(make_ckpt):
+    model = load_model(resolve_checkpoint(str(make_ckpt("pg1_tied", "hub", image_size=28).path)))
+    assert model.lm_head.weight.data_ptr() == model.text.embed_tokens.weight.data_ptr()
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    make_bin_checkpoint(tmp_path)
+    with pytest.raises(VlmbatchError, match=r"pickle.*pytorch_model\.bin.*safetensors"):
+        load_model(resolve_checkpoint(str(tmp_path)))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    make_checkpoint(tmp_path, "pg1_untied", "hub", image_size=28)
+    dropped = drop_tensor(tmp_path, "layers.1.mlp.up_proj")
+    with pytest.raises(VlmbatchError, match=r"missing tensors: text\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(resolve_checkpoint(str(tmp_path)))
+    assert "up_proj" in dropped
+
+
+def test_untied_checkpoint_without_head_is_an_error(tmp_path):
+    make_checkpoint(tmp_path, "pg1_untied", "hub", image_size=28)
+    drop_tensor(tmp_path, "lm_head")
+    with pytest.raises(VlmbatchError, match="missing tensors: lm_head.weight"):
+        load_model(resolve_checkpoint(str(tmp_path)))
+
+
+def test_missing_local_model_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(VlmbatchError, match="model not found"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(VlmbatchError, match="offline and not in the Hugging Face cache"):
+        resolve_checkpoint("google/paligemma2-3b-mix-224")
+
+
+def test_published_config_defaults_are_filled():
+    """A config as published on the Hub for paligemma2-3b-pt-448: most fields left to defaults."""
+    cfg = PaliGemmaConfig.from_dict({
+        "model_type": "paligemma", "image_token_index": 257152, "projection_dim": 2304, "hidden_size": 2304,
+        "text_config": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
+                        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                        "vocab_size": 257216, "num_image_tokens": 1024},
+        "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                          "num_attention_heads": 16, "num_hidden_layers": 27, "num_image_tokens": 1024,
+                          "patch_size": 14, "projection_dim": 2304, "projector_hidden_act": "gelu_fast",
+                          "vision_use_head": False},
+    })
+    assert cfg.vision.image_size == 448 and cfg.num_image_tokens == 1024
+    t = cfg.text
+    assert (t.head_dim, t.rope_theta, t.query_pre_attn_scalar) == (256, 10000.0, 256)
+    assert (t.attn_logit_softcapping, t.final_logit_softcapping, t.sliding_window) == (50.0, 30.0, 4096)
+    assert t.layer_types[:3] == ("sliding_attention", "full_attention", "sliding_attention")
+    assert cfg.tie_word_embeddings and cfg.image_token_id == 257152
+    gemma = PaliGemmaConfig.from_dict({"model_type": "paligemma", "text_config": {"model_type": "gemma"}})
+    assert gemma.text.sliding_window is None and gemma.text.attn_logit_softcapping is None
+    assert {896: 4096, 224: 256}[896] == PaliGemmaConfig.from_dict(
+        {"model_type": "paligemma", "vision_config": {"image_size": 896}}).num_image_tokens

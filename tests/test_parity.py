@@ -1,0 +1,176 @@
+"""The engine against transformers' PaliGemma on random checkpoints: inputs, logits, generated tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from factory import photo_variants
+from vlmbatch.engine import Engine, ImageWork
+from vlmbatch.generation import GenerationSettings
+from vlmbatch.images import load_image, resize_square
+from vlmbatch.model.loading import load_model, resolve_checkpoint
+from vlmbatch.processor import Processor
+
+VARIANTS = ["pg1_tied", "pg1_untied", "pg2"]
+PROMPTS = ["caption en", "answer en what is in the image?", "detect cat ; dog", "caption es", "ocr"]
+
+
+def ours(ckpt):
+    checkpoint = resolve_checkpoint(str(ckpt.path))
+    return load_model(checkpoint), Processor.from_dir(checkpoint.path, checkpoint.config)
+
+
+def reference_generate(ckpt, images, prompts, **kwargs) -> list[list[int]]:
+    """transformers' generate on a left-padded batch; generated ids cut at <eos>."""
+    processor = ckpt.processor()
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding="longest")
+    with torch.no_grad():
+        out = ckpt.hf.generate(**inputs, do_sample=False, **kwargs)[:, inputs["input_ids"].shape[1]:]
+    eos = ckpt.ids["eos"]
+    return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
+
+
+def engine_generate(model, processor, images, prompts, settings, slots=8) -> list[list[int]]:
+    size = model.cfg.vision.image_size
+    work = [ImageWork(resize_square(image, size), [(i, processor.prompt_ids(p))])
+            for i, (image, p) in enumerate(zip(images, prompts))]
+    results = {c.key: c.tokens for c in Engine(model, settings, max_slots=slots).run(work)}
+    return [results[i] for i in range(len(images))]
+
+
+@pytest.fixture(scope="module")
+def images(photos):
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
+    return [photos[n].convert("RGB") for n in names]
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def test_pixels_and_ids_match_reference_processor(ckpt_pg1_untied, tmp_path):
+    processor = ckpt_pg1_untied.processor()
+    _, mine = ours(ckpt_pg1_untied)
+    files = photo_variants(tmp_path)
+    checked = 0
+    for name, path in files.items():
+        if name == "i16_png":
+            continue  # 16-bit is scaled here where the reference clips it to white: next test
+        with Image.open(path) as f:
+            reference_image = ImageOps.exif_transpose(f)
+        for prompt in ["caption en", "answer en where is the <loc0012> cat?"]:
+            ref = processor(text=[prompt], images=[reference_image], return_tensors="pt")
+            got_pixels = mine.pixel_values([load_image(path)])
+            np.testing.assert_allclose(got_pixels.numpy(), ref["pixel_values"].numpy(), atol=1e-5, rtol=0,
+                                       err_msg=name)
+            assert mine.prompt_ids(prompt) == ref["input_ids"][0].tolist(), (name, prompt)
+        checked += 1
+    assert checked >= 8
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """Pillow (and so the reference) clips 16-bit values to 255, turning most photos white."""
+    path = photo_variants(tmp_path)["i16_png"]
+    with Image.open(path) as raw:
+        expected = (np.asarray(raw, dtype=np.float64) / 257).round()
+    got = np.asarray(load_image(path), dtype=np.float64)[..., 0]
+    assert np.abs(got - expected).max() <= 1
+    assert got.std() > 10  # a photo, not a white page
+
+
+def test_decode_keeps_location_tokens(ckpt_pg1_untied):
+    _, processor = ours(ckpt_pg1_untied)
+    ids = processor.tokenizer.encode("<loc0001><loc1023><seg042> cat", add_special_tokens=False).ids
+    eos, bos = ckpt_pg1_untied.ids["eos"], ckpt_pg1_untied.ids["bos"]
+    text = processor.decode([bos] + ids + [eos])
+    assert text == "<loc0001><loc1023><seg042> cat"
+    reference = ckpt_pg1_untied.processor().decode([bos] + ids + [eos], skip_special_tokens=True)
+    assert text == reference
+
+
+# -- logits ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, variant):
+    """Prompt logits, then teacher-forced decode steps through the KV cache, against one full
+    forward of the reference with the suffix marked causal (token_type_ids 1)."""
+    ckpt = make_ckpt(variant)
+    model, processor = ours(ckpt)
+    prompts = ["caption en", "caption es"]  # equal lengths: the reference forward needs no padding
+    inputs = ckpt.processor()(text=prompts, images=images[:2], return_tensors="pt")
+    suffix = torch.tensor([[5, 17, 300, 42], [99, 7, 64, 1000]])
+    ids = torch.cat([inputs["input_ids"], suffix], dim=1)
+    token_type = torch.cat([torch.zeros_like(inputs["input_ids"]), torch.ones_like(suffix)], dim=1)
+    with torch.no_grad():
+        ref = ckpt.hf(input_ids=ids, pixel_values=inputs["pixel_values"], token_type_ids=token_type,
+                      attention_mask=torch.ones_like(ids)).logits
+    prompt_len = inputs["input_ids"].shape[1]
+
+    features = model.encode_images(inputs["pixel_values"])
+    cache = model.allocate_cache(2, prompt_len + suffix.shape[1])
+    lengths = torch.full((2,), prompt_len)
+    got = [model.prefill(inputs["input_ids"], lengths, features, cache, torch.arange(2))]
+    for t in range(suffix.shape[1] - 1):
+        got.append(model.decode(suffix[:, t], lengths + t, cache))
+    got = torch.stack(got, dim=1)
+    torch.testing.assert_close(got, ref[:, prompt_len - 1: -1], atol=1e-4, rtol=0)
+
+
+# -- generation -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_identical_to_reference_for_mixed_prompt_lengths(make_ckpt, images, variant):
+    ckpt = make_ckpt(variant)
+    model, processor = ours(ckpt)
+    settings = GenerationSettings(max_new_tokens=12)
+    expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=12)
+    assert len({tuple(e) for e in expected}) > 1, "the random model should not give one output for all"
+    assert engine_generate(model, processor, images, PROMPTS, settings) == expected
+    # Each item alone gives what it gave in the batch.
+    for image, prompt, want in zip(images, PROMPTS, expected):
+        assert engine_generate(model, processor, [image], [prompt], settings, slots=1) == [want]
+
+
+def test_continuous_batching_with_fewer_slots_than_requests(ckpt_pg1_untied, images):
+    """Two slots for five requests: queued requests enter as slots free up, outputs unchanged."""
+    model, processor = ours(ckpt_pg1_untied)
+    expected = reference_generate(ckpt_pg1_untied, images, PROMPTS, max_new_tokens=10)
+    settings = GenerationSettings(max_new_tokens=10)
+    assert engine_generate(model, processor, images, PROMPTS, settings, slots=2) == expected
+
+
+def test_varied_output_lengths_free_slots_early(make_ckpt, images):
+    """With a boosted <eos> row, outputs end at different steps; still identical to the reference."""
+    ckpt = make_ckpt("pg1_untied", eos_boost=4.0)
+    model, processor = ours(ckpt)
+    expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=16)
+    assert len({len(e) for e in expected}) > 1
+    assert engine_generate(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=16), slots=2) == expected
+
+
+@pytest.mark.parametrize("variant", ["pg1_untied", "pg2"])
+def test_beam_search_identical_to_reference(make_ckpt, images, variant):
+    ckpt = make_ckpt(variant, eos_boost=3.0)
+    model, processor = ours(ckpt)
+    expected = reference_generate(ckpt, images[:4], PROMPTS[:4], max_new_tokens=10, num_beams=2)
+    settings = GenerationSettings(max_new_tokens=10, num_beams=2)
+    assert engine_generate(model, processor, images[:4], PROMPTS[:4], settings) == expected
+    assert engine_generate(model, processor, images[:1], PROMPTS[:1], settings, slots=2) == expected[:1]
+
+
+def test_sliding_window_layers_match_reference(make_ckpt, images):
+    """Gemma 2 with a window much shorter than the prompt: prefix stays bidirectional, decode slides."""
+    ckpt = make_ckpt("pg2", image_size=56, sliding_window=6)
+    model, processor = ours(ckpt)
+    for image, prompt in zip(images[:3], PROMPTS[:3]):  # one at a time: no padding, positions = indices
+        expected = reference_generate(ckpt, [image], [prompt], max_new_tokens=12)
+        assert engine_generate(model, processor, [image], [prompt], GenerationSettings(max_new_tokens=12)) == [expected[0]]
+
+
+def test_sampling_is_reproducible_with_a_seed(ckpt_pg1_untied, images):
+    model, processor = ours(ckpt_pg1_untied)
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123)
+    first = engine_generate(model, processor, images, PROMPTS, settings)
+    again = engine_generate(model, processor, images, PROMPTS, settings)
+    greedy = engine_generate(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=8))
+    assert first == again
+    assert first != greedy
