@@ -1,0 +1,254 @@
+"""End-to-end: the `vlmbatch caption` / `vlmbatch vqa` commands on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from factory import broken_images, photo_variants, real_photos
+from vlmbatch.cli import app
+from vlmbatch.engine import Engine, ImageWork
+from vlmbatch.generation import GenerationSettings
+from vlmbatch.images import load_resized
+from vlmbatch.model.loading import load_model, resolve_checkpoint
+from vlmbatch.model.siglip import SiglipVisionTower
+from vlmbatch.processor import Processor
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    root = tmp_path / "images"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    for i, (name, image) in enumerate(list(real_photos().items())[:6]):
+        sub = ["", "nested/", "nested/deeper/"][i % 3]
+        image.convert("RGB").save(root / f"{sub}{name}.jpg")
+    return root
+
+
+def invoke(*args, expect=0):
+    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def caption(folder, out, ckpt, *extra, expect=0):
+    return invoke("caption", folder, "--out", out, "--model", ckpt, "--max-new-tokens", 8, "--workers", 0,
+                  "--quiet", *extra, expect=expect)
+
+
+def rows(path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def direct_captions(ckpt, refs: dict[str, Path | bytes], prompt="caption en", max_new_tokens=8) -> dict[str, str]:
+    """What the engine gives for the same images, without the pipeline."""
+    checkpoint = resolve_checkpoint(str(ckpt))
+    model, processor = load_model(checkpoint), Processor.from_dir(checkpoint.path, checkpoint.config)
+    size = checkpoint.config.vision.image_size
+    work = [ImageWork(load_resized(ref, size), [(key, processor.prompt_ids(prompt))]) for key, ref in refs.items()]
+    engine = Engine(model, GenerationSettings(max_new_tokens=max_new_tokens), max_slots=4)
+    return {c.key: processor.decode(c.tokens) for c in engine.run(work)}
+
+
+# -- sources --------------------------------------------------------------------------------------
+def test_folder_captions_equal_the_engine_and_carry_metadata(folder, tmp_path, ckpt):
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt)
+    table = rows(out)
+    ids = sorted(r["id"] for r in table)
+    expected_ids = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    assert ids == expected_ids and any("/" in i for i in ids)
+    expected = direct_captions(ckpt, {i: folder / i for i in ids})
+    assert {r["id"]: r["caption"] for r in table} == expected
+    assert all(r["error"] is None for r in table) and any(r["num_tokens"] > 0 for r in table)
+    for r in table:  # a caption that hit the limit has all its tokens; one that ended early has fewer
+        assert (r["finish_reason"], r["num_tokens"] == 8) in {("length", True), ("eos", False)}
+    meta = pq.read_metadata(out).metadata
+    settings = json.loads(meta[b"vlmbatch.settings"])
+    assert settings["model"] == str(ckpt) and settings["prompt"] == "caption en"
+    assert settings["generation"]["max_new_tokens"] == 8
+    assert meta[b"vlmbatch.model_fingerprint"] and meta[b"vlmbatch.version"]
+
+
+def test_single_image_file(folder, tmp_path, ckpt):
+    out = tmp_path / "one.parquet"
+    file = next(folder.glob("*.jpg"))
+    caption(file, out, ckpt)
+    assert [r["id"] for r in rows(out)] == [file.name]
+
+
+def test_saved_dataset_and_manifest(folder, tmp_path, ckpt):
+    files = sorted(folder.rglob("*.jpg"))[:3]
+    ds = datasets.Dataset.from_dict({"key": [f"k{i}" for i in range(3)], "img": [str(f) for f in files]})
+    ds = ds.cast_column("img", datasets.Image())
+    ds.save_to_disk(tmp_path / "saved")
+    out = tmp_path / "ds.parquet"
+    caption(tmp_path / "saved", out, ckpt, "--id-column", "key")
+    expected = direct_captions(ckpt, {f"k{i}": f for i, f in enumerate(files)})
+    assert {r["id"]: r["caption"] for r in rows(out)} == expected
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f.name, "name": f.stem}) + "\n" for f in files))
+    for f in files:
+        shutil.copy(f, tmp_path / f.name)
+    out2 = tmp_path / "manifest.parquet"
+    caption(manifest, out2, ckpt, "--image-column", "path", "--id-column", "name")
+    assert {r["id"]: r["caption"] for r in rows(out2)} == {f.stem: expected[f"k{i}"] for i, f in enumerate(files)}
+
+
+# -- VQA ------------------------------------------------------------------------------------------
+def test_vqa_several_questions_per_image_encode_each_image_once(folder, tmp_path, ckpt, monkeypatch):
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[:3]
+    questions = tmp_path / "q.jsonl"
+    lines = [{"image": img, "question": q, "question_id": f"{n}-{j}"}
+             for n, img in enumerate(images) for j, q in enumerate(["what is this?", "what color?", "how many?"])]
+    lines.append({"image": "missing.jpg", "question": "anything?", "question_id": "lost"})
+    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    encoded = []
+    original = SiglipVisionTower.forward
+    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    out = tmp_path / "answers.parquet"
+    invoke("vqa", folder, "--questions", questions, "--out", out, "--model", ckpt, "--max-new-tokens", 6,
+           "--workers", 0, "--quiet")
+    assert sum(encoded) == len(images)  # one vision pass per distinct image, not per question
+
+    table = {r["question_id"]: r for r in rows(out)}
+    assert len(table) == len(lines)
+    assert table["lost"]["error"] == "image not found in source" and table["lost"]["answer"] is None
+    first = table["0-1"]
+    assert first["id"] == images[0] and first["question"] == "what color?"
+    assert first["prompt"] == "answer en what color?"
+    expected = direct_captions(ckpt, {"x": folder / images[0]}, prompt="answer en what color?", max_new_tokens=6)
+    assert first["answer"] == expected["x"]
+
+
+def test_vqa_single_question_for_every_image(folder, tmp_path, ckpt):
+    out = tmp_path / "a.parquet"
+    invoke("vqa", folder, "--question", "what is it?", "--out", out, "--model", ckpt, "--workers", 0, "--quiet")
+    table = rows(out)
+    assert len(table) == 6 and all(r["question"] == "what is it?" and r["answer"] is not None for r in table)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_broken_and_awkward_images(tmp_path, ckpt):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    awkward = photo_variants(root / "awkward")
+    broken = broken_images(root / "broken")
+    (root / "notes.txt").write_text("not an image, and not an image extension")
+    out = tmp_path / "mixed.parquet"
+    result = caption(root, out, ckpt)
+    assert result.exit_code == 0
+    table = {r["id"]: r for r in rows(out)}
+    assert len(table) == len(awkward) + len(broken)
+    for path in broken.values():
+        row = table[path.relative_to(root).as_posix()]
+        assert row["error"] and row["caption"] is None and row["finish_reason"] == "error"
+    for path in awkward.values():
+        row = table[path.relative_to(root).as_posix()]
+        assert row["error"] is None and row["caption"] is not None, row
+
+
+def test_summary_counts_errors(tmp_path, ckpt):
+    root = tmp_path / "b"
+    broken_images(root)
+    result = invoke("caption", root, "--out", tmp_path / "b.parquet", "--model", ckpt, "--workers", 0)
+    assert "errors" in result.output and str(len(list(root.iterdir()))) in result.output
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("missing model", ["caption", "{folder}", "--out", "{tmp}/o.parquet", "--model", "{tmp}/no-model"], "model not found"),
+    ("missing source", ["caption", "{tmp}/nothing-here", "--out", "{tmp}/o.parquet", "--model", "{ckpt}"], "not found"),
+    ("unknown column", ["caption", "{tmp}/m.jsonl", "--out", "{tmp}/o.parquet", "--model", "{ckpt}",
+                        "--image-column", "picture"], "picture"),
+    ("unwritable out", ["caption", "{folder}", "--out", "/proc/vlmbatch/o.parquet", "--model", "{ckpt}"], "error"),
+    ("vqa without questions", ["vqa", "{folder}", "--out", "{tmp}/o.parquet", "--model", "{ckpt}"], "--questions"),
+])
+def test_fatal_mistakes_are_one_line(case, args, message, folder, tmp_path, ckpt):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.jpg"}) + "\n")
+    args = [a.format(folder=folder, tmp=tmp_path, ckpt=ckpt) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (case, result.output)
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (case, result.output)
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback(folder, tmp_path):
+    result = runner.invoke(app, ["caption", str(folder), "--out", str(tmp_path / "o.parquet"),
+                                 "--model", str(tmp_path / "none"), "--debug"])
+    assert result.exit_code == 2 and "Traceback" in result.output
+
+
+# -- resume ---------------------------------------------------------------------------------------
+def test_rerun_processes_only_new_images(folder, tmp_path, ckpt, monkeypatch):
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt)
+    first = {r["id"]: r["caption"] for r in rows(out)}
+    (folder / "new").mkdir()
+    real_photos()["coins"].save(folder / "new" / "coins-copy.PNG")
+    encoded = []
+    original = SiglipVisionTower.forward
+    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    caption(folder, out, ckpt)
+    assert sum(encoded) == 1
+    second = {r["id"]: r["caption"] for r in rows(out)}
+    assert len(rows(out)) == len(first) + 1 and {k: second[k] for k in first} == first
+    assert second["new/coins-copy.PNG"] is not None
+
+
+def test_overwrite_and_settings_mismatch(folder, tmp_path, ckpt):
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt, "--limit", 2)
+    assert len(rows(out)) == 2
+    result = caption(folder, out, ckpt, "--prompt", "caption es", expect=2)
+    assert "prompt" in result.output and "--overwrite" in result.output
+    assert len(rows(out)) == 2  # the refused run changed nothing
+    caption(folder, out, ckpt, "--prompt", "caption es", "--overwrite", "--limit", 1)
+    table = rows(out)
+    assert len(table) == 1 and table[0]["prompt"] == "caption es"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_every_id_once(tmp_path, make_ckpt):
+    ckpt = make_ckpt("pg1_untied", "hub", image_size=56)  # slow enough to be killed mid-run
+    root = tmp_path / "many"
+    root.mkdir()
+    photos = list(real_photos().values())
+    for i in range(60):
+        photos[i % len(photos)].convert("RGB").rotate(i * 6).save(root / f"img{i:03d}.jpg")
+    out = tmp_path / "killed.parquet"
+    cmd = [sys.executable, "-m", "vlmbatch", "caption", str(root), "--out", str(out), "--model", str(ckpt.path),
+           "--max-new-tokens", "24", "--batch-size", "2", "--workers", "1", "--flush-rows", "4", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    parts = Path(str(out) + ".parts")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("part-*.parquet"))) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(parts.glob("part-*.parquet"))) >= 2, "the run should have been killed mid-way"
+    subprocess.run(cmd, check=True)
+    ids = [r["id"] for r in rows(out)]
+    assert sorted(ids) == sorted(p.name for p in root.iterdir())  # every id exactly once
+    assert not parts.exists() or not list(parts.glob("*.parquet"))

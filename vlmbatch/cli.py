@@ -1,0 +1,202 @@
+"""The `vlmbatch` command line: a thin layer that parses flags and hands a spec to the pipeline."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vlmbatch import __version__
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.generation import GenerationSettings
+from vlmbatch.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, Job, JobSpec, Summary
+
+app = typer.Typer(
+    name="vlmbatch",
+    help="Batched PaliGemma captioning and VQA over image collections, written to Parquet, and evaluated.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+# -- shared options ---------------------------------------------------------------------------------
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory or Hugging Face Hub id.")
+OutOpt = typer.Option(..., "--out", "-o", help="Output Parquet file (resumed if it exists).")
+MaxNewOpt = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens generated per answer.")
+BatchOpt = typer.Option(16, "--batch-size", "-b", min=1, help="Sequences decoded together (KV-cache slots).")
+BeamsOpt = typer.Option(1, "--num-beams", min=1, help="Beam search width; 1 is greedy or sampling.")
+TempOpt = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")
+TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
+LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
+SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
+ImageColOpt = typer.Option(None, "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
+IdColOpt = typer.Option(None, "--id-column", help="Dataset column holding record ids (default: the row index).")
+WorkersOpt = typer.Option(None, "--workers", min=0, help="Image-decoding processes (0: decode in the main process).")
+FlushOpt = typer.Option(256, "--flush-rows", min=1, help="Rows buffered before they are saved (a crash loses at most these).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def main() -> None:
+    app()
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.command(epilog="""Examples:\n
+  vlmbatch caption ./photos --out captions.parquet\n
+  vlmbatch caption ./photos --out alt.parquet --prompt "caption en" --batch-size 64\n
+  vlmbatch caption my/dataset --split validation --image-column img --id-column key --out caps.parquet\n
+Re-running the same command resumes; over a grown folder only new images are captioned.""")
+def caption(
+    source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
+    out: Path = OutOpt,
+    prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", help="Prompt given with every image."),
+    model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
+    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt, limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
+    split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
+    workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Caption every image of SOURCE into a Parquet file (columns id, caption, error, …)."""
+    with _fatal_errors(debug):
+        spec = JobSpec(task="caption", source=source, out=out, prompt=prompt, model=model, split=split,
+                       image_column=image_column, id_column=id_column, batch_size=batch_size, device=device,
+                       dtype=dtype, limit=limit, overwrite=overwrite, workers=workers, flush_rows=flush_rows,
+                       generation=_generation(max_new_tokens, num_beams, temperature, top_p, seed))
+        _run(spec, quiet)
+
+
+@app.command(epilog="""Examples:\n
+  vlmbatch vqa ./photos --questions questions.jsonl --out answers.parquet\n
+  vlmbatch vqa ./photos --question "how many people are there?" --out counts.parquet\n
+QUESTIONS is JSONL, CSV or Parquet with columns image (path relative to SOURCE, or the dataset record id),
+question and optional question_id. Each image is decoded and encoded once, whatever its number of questions.""")
+def vqa(
+    source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or manifest."),
+    out: Path = OutOpt,
+    questions: Optional[str] = typer.Option(None, "--questions", help="Questions file (JSONL, CSV or Parquet)."),
+    question: Optional[str] = typer.Option(None, "--question", help="One question asked of every image."),
+    prompt_template: str = typer.Option(DEFAULT_VQA_TEMPLATE, "--prompt-template", help="Prompt; {question} is replaced."),
+    model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
+    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt, limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
+    split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
+    workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Answer questions about the images of SOURCE into a Parquet file (id, question_id, question, answer, error, …)."""
+    with _fatal_errors(debug):
+        spec = JobSpec(task="vqa", source=source, out=out, questions=questions, question=question,
+                       prompt_template=prompt_template, model=model, split=split, image_column=image_column,
+                       id_column=id_column, batch_size=batch_size, device=device, dtype=dtype, limit=limit,
+                       overwrite=overwrite, workers=workers, flush_rows=flush_rows,
+                       generation=_generation(max_new_tokens, num_beams, temperature, top_p, seed))
+        _run(spec, quiet)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _generation(max_new_tokens: int, num_beams: int, temperature: float, top_p: float, seed: int | None):
+    try:
+        return GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
+                                  top_p=top_p, seed=seed)
+    except ValueError as exc:
+        raise VlmbatchError(str(exc)) from None
+
+
+@contextmanager
+def _fatal_errors(debug: bool) -> Iterator[None]:
+    """A fatal mistake is one clear line and a non-zero exit; the traceback only with --debug."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: rows written so far are saved; run the same command to resume")
+        raise typer.Exit(130)
+    except VlmbatchError as exc:
+        if debug:
+            console.print_exception()
+        _error_line(str(exc))
+        raise typer.Exit(2)
+    except Exception as exc:  # an unexpected failure: still one line unless debugging
+        if debug:
+            console.print_exception()
+        _error_line(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        raise typer.Exit(1)
+
+
+def _error_line(message: str) -> None:
+    """One line, never wrapped, whatever the terminal's width (scripts grep for it)."""
+    console.print(f"[red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def _run(spec: JobSpec, quiet: bool) -> Summary:
+    job = Job(spec)
+    if not quiet:
+        console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "
+                      f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')})", highlight=False)
+    with _progress(job, quiet) as update:
+        summary = job.run(update)
+    if not quiet:
+        _print_summary(summary)
+    return summary
+
+
+@contextmanager
+def _progress(job: Job, quiet: bool):
+    if quiet:
+        yield None
+        return
+    total = job.source.size
+    if console.is_terminal:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]:.1f} img/s · {task.fields[errors]} errors"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task(job.spec.task, total=total, rate=0.0, errors=0)
+            yield lambda s: bar.update(task, completed=s.images + s.already_done if total else s.images,
+                                       rate=s.images_per_second, errors=s.errors)
+        return
+    last = [0.0]
+
+    def plain(s: Summary) -> None:  # a line every 10 s when not on a terminal (logs, cron)
+        now = time.monotonic()
+        if now - last[0] >= 10:
+            last[0] = now
+            of = f"/{total}" if total else ""
+            print(f"{job.spec.task}: {s.images}{of} images, {s.written} rows, {s.errors} errors, "
+                  f"{s.images_per_second:.1f} img/s", file=sys.stderr, flush=True)
+
+    yield plain
+
+
+def _print_summary(summary: Summary) -> None:
+    table = Table(title="vlmbatch summary", show_header=False)
+    table.add_row("output", str(summary.out))
+    table.add_row("rows written", str(summary.written))
+    table.add_row("errors", str(summary.errors))
+    table.add_row("already done (skipped)", str(summary.already_done))
+    table.add_row("images processed", str(summary.images))
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("throughput", f"{summary.images_per_second:.2f} images/s")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""A caption or VQA job: Source → decode workers → Engine → resumable Parquet sink.
+
+The job knows which ids the output already holds and sends only the others through the model, so
+re-running the same command resumes a stopped run, and over a grown folder processes only new images.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pyarrow as pa
+import torch
+
+from vlmbatch import __version__
+from vlmbatch.engine import Completion, Engine, ImageWork
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.generation import GenerationSettings
+from vlmbatch.model.loading import Checkpoint, default_dtype, load_model, resolve_checkpoint
+from vlmbatch.processor import Processor
+from vlmbatch.questions import group_by_image, load_questions
+from vlmbatch.records import ImageRecord, Question
+from vlmbatch.sinks import ParquetSink
+from vlmbatch.sources import Source, open_source
+from vlmbatch.workers import decode_stream
+
+DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
+DEFAULT_CAPTION_PROMPT = "caption en"
+DEFAULT_VQA_TEMPLATE = "answer en {question}"
+SINGLE_QUESTION_ID = "0"
+
+_COMMON_FIELDS = [
+    pa.field("error", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("num_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+]
+CAPTION_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("caption", pa.string()), *_COMMON_FIELDS])
+VQA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("question_id", pa.string()),
+                        pa.field("question", pa.string()), pa.field("answer", pa.string()), *_COMMON_FIELDS])
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    task: str  # "caption" | "vqa"
+    source: str
+    out: Path
+    model: str = DEFAULT_MODEL
+    prompt: str = DEFAULT_CAPTION_PROMPT  # caption
+    prompt_template: str = DEFAULT_VQA_TEMPLATE  # vqa
+    questions: str | None = None  # vqa: JSONL / CSV / Parquet file
+    question: str | None = None  # vqa: one question for every image
+    split: str | None = None
+    image_column: str | None = None
+    id_column: str | None = None
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    batch_size: int = 16  # KV-cache slots: sequences decoded together
+    device: str = "auto"
+    dtype: str | None = None
+    limit: int | None = None  # at most this many new images this run
+    overwrite: bool = False
+    workers: int | None = None  # decode processes; 0 decodes in the main process
+    flush_rows: int = 256  # rows buffered before a part file is written (what a kill can cost)
+
+    @property
+    def answer_column(self) -> str:
+        return "caption" if self.task == "caption" else "answer"
+
+
+@dataclass
+class Summary:
+    out: Path
+    written: int = 0
+    errors: int = 0
+    already_done: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    generated_tokens: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Item:
+    """An image with the rows to produce for it: (key, prompt, question or None)."""
+
+    record: ImageRecord
+    prompts: list[tuple[tuple, str, Question | None]]
+
+
+ProgressFn = Callable[[Summary], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise VlmbatchError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise VlmbatchError(f"device {device} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if dtype not in DTYPES:
+        raise VlmbatchError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return DTYPES[dtype]
+
+
+class Job:
+    """Everything resolved up front, so every fatal mistake surfaces before any work starts."""
+
+    def __init__(self, spec: JobSpec):
+        if spec.task not in ("caption", "vqa"):
+            raise VlmbatchError(f"unknown task {spec.task!r}")
+        self.spec = spec
+        self.source: Source = open_source(spec.source, split=spec.split, image_column=spec.image_column,
+                                          id_column=spec.id_column)
+        self.questions = self._questions()
+        self.device = resolve_device(spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
+        self.config = self.checkpoint.config
+        self.processor = Processor.from_dir(self.checkpoint.path, self.config)
+        self.fingerprint = self.checkpoint.fingerprint()
+        self.sink = ParquetSink(
+            spec.out, CAPTION_SCHEMA if spec.task == "caption" else VQA_SCHEMA,
+            key=("id",) if spec.task == "caption" else ("id", "question_id"),
+            settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite,
+            flush_rows=spec.flush_rows)
+
+    def _questions(self) -> dict[str, list[Question]] | None:
+        spec = self.spec
+        if spec.task != "vqa":
+            return None
+        if (spec.questions is None) == (spec.question is None):
+            raise VlmbatchError("vqa needs exactly one of --questions FILE or --question TEXT")
+        if "{question}" not in spec.prompt_template:
+            raise VlmbatchError("--prompt-template must contain {question}")
+        return group_by_image(load_questions(spec.questions)) if spec.questions else None
+
+    def settings(self) -> dict:
+        """What decides the outputs; a resumed run must match them."""
+        spec = self.spec
+        prompt = {"prompt": spec.prompt} if spec.task == "caption" else {"prompt_template": spec.prompt_template}
+        return {"task": spec.task, "model": spec.model, "weights": self.fingerprint, "dtype": str(self.dtype),
+                **prompt, "generation": spec.generation.as_dict()}
+
+    def metadata(self) -> dict[str, str]:
+        return {"vlmbatch.version": __version__, "vlmbatch.model": self.spec.model,
+                "vlmbatch.model_fingerprint": self.fingerprint, "vlmbatch.dtype": str(self.dtype),
+                "vlmbatch.source": self.spec.source}
+
+    # -- work ------------------------------------------------------------------------------------
+    def items(self, done: set[tuple], summary: Summary) -> Iterator[_Item]:
+        """Images with rows still to produce, at most `limit` of them."""
+        produced = 0
+        for record in self.source:
+            if self.spec.limit is not None and produced >= self.spec.limit:
+                return
+            prompts = self._prompts(record)
+            todo = [p for p in prompts if p[0] not in done]
+            summary.already_done += len(prompts) - len(todo)
+            if todo:
+                produced += 1
+                yield _Item(record, todo)
+
+    def _prompts(self, record: ImageRecord) -> list[tuple[tuple, str, Question | None]]:
+        spec = self.spec
+        if spec.task == "caption":
+            return [((record.id,), spec.prompt, None)]
+        if self.questions is None:
+            questions = [Question(record.id, spec.question, SINGLE_QUESTION_ID)]
+        else:
+            questions = self.questions.pop(record.id, [])
+        return [((record.id, q.question_id), spec.prompt_template.format(question=q.question), q) for q in questions]
+
+    def unmatched_question_rows(self, done: set[tuple]) -> list[dict]:
+        """Questions whose image the source does not have: one error row each."""
+        rows = []
+        for image, questions in (self.questions or {}).items():
+            for q in questions:
+                if (image, q.question_id) not in done:
+                    rows.append(self._row(image, q, self.spec.prompt_template.format(question=q.question),
+                                          error="image not found in source"))
+        return rows
+
+    def _row(self, image_id: str, question: Question | None, prompt: str, *, text: str | None = None,
+             error: str | None = None, num_tokens: int = 0, finish_reason: str | None = None) -> dict:
+        row = {"id": image_id, self.spec.answer_column: text, "error": error, "prompt": prompt,
+               "num_tokens": num_tokens, "finish_reason": finish_reason if error is None else "error"}
+        if self.spec.task == "vqa":
+            row.update(question_id=question.question_id, question=question.question)
+        return row
+
+    def run(self, progress: ProgressFn | None = None) -> Summary:
+        spec = self.spec
+        summary = Summary(out=spec.out)
+        started = time.monotonic()
+        model = load_model(self.checkpoint, self.device, self.dtype)
+        engine = Engine(model, spec.generation, max_slots=spec.batch_size,
+                        max_prompt_len=self.config.num_image_tokens + 1 + 256)
+        workers = spec.workers if spec.workers is not None else default_workers()
+        with self.sink as sink:
+            done = sink.done_keys()
+            pending: dict[tuple, tuple[str, Question | None, str]] = {}
+
+            def work() -> Iterator[ImageWork]:
+                decoded = decode_stream(self.items(done, summary), lambda item: item.record.image,
+                                        self.config.vision.image_size, workers)
+                for item, pixels in decoded:
+                    summary.images += 1
+                    if isinstance(pixels, str):
+                        sink.write([self._row(item.record.id, q, prompt, error=pixels) for _, prompt, q in item.prompts])
+                        summary.errors += len(item.prompts)
+                        summary.written += len(item.prompts)
+                        continue
+                    prompts = []
+                    for key, prompt, q in item.prompts:
+                        pending[key] = (item.record.id, q, prompt)
+                        prompts.append((key, self.processor.prompt_ids(prompt)))
+                    yield ImageWork(pixels, prompts)
+
+            for completion in engine.run(work()):
+                sink.write([self._completion_row(pending.pop(completion.key), completion)])
+                summary.written += 1
+                summary.generated_tokens += len(completion.tokens)
+                summary.seconds = time.monotonic() - started
+                if progress:
+                    progress(summary)
+            leftovers = self.unmatched_question_rows(done)
+            sink.write(leftovers)
+            summary.errors += len(leftovers)
+            summary.written += len(leftovers)
+        summary.seconds = time.monotonic() - started
+        return summary
+
+    def _completion_row(self, origin: tuple[str, Question | None, str], completion: Completion) -> dict:
+        image_id, question, prompt = origin
+        return self._row(image_id, question, prompt, text=self.processor.decode(completion.tokens),
+                         num_tokens=len(completion.tokens), finish_reason=completion.finish_reason)
+
+
+def default_workers() -> int:
+    import os
+
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def run_job(spec: JobSpec, progress: ProgressFn | None = None) -> Summary:
+    return Job(spec).run(progress)
