@@ -38,6 +38,7 @@ TempOpt = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DevicesOpt = typer.Option(None, "--devices", help="Several devices, one worker each: cuda:0,cuda:1 or all.")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
@@ -71,7 +72,7 @@ def caption(
     out: Path = OutOpt,
     prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", help="Prompt given with every image."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
-    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
+    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
     dtype: Optional[str] = DtypeOpt, limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
@@ -79,7 +80,7 @@ def caption(
     """Caption every image of SOURCE into a Parquet file (columns id, caption, error, …)."""
     with _fatal_errors(debug):
         spec = JobSpec(task="caption", source=source, out=out, prompt=prompt, model=model, split=split,
-                       image_column=image_column, id_column=id_column, batch_size=batch_size, device=device,
+                       image_column=image_column, id_column=id_column, batch_size=batch_size, device=device, devices=devices,
                        dtype=dtype, limit=limit, overwrite=overwrite, workers=workers, flush_rows=flush_rows,
                        generation=_generation(max_new_tokens, num_beams, temperature, top_p, seed))
         _run(spec, quiet)
@@ -97,7 +98,7 @@ def vqa(
     question: Optional[str] = typer.Option(None, "--question", help="One question asked of every image."),
     prompt_template: str = typer.Option(DEFAULT_VQA_TEMPLATE, "--prompt-template", help="Prompt; {question} is replaced."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
-    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
+    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
     dtype: Optional[str] = DtypeOpt, limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
@@ -106,7 +107,7 @@ def vqa(
     with _fatal_errors(debug):
         spec = JobSpec(task="vqa", source=source, out=out, questions=questions, question=question,
                        prompt_template=prompt_template, model=model, split=split, image_column=image_column,
-                       id_column=id_column, batch_size=batch_size, device=device, dtype=dtype, limit=limit,
+                       id_column=id_column, batch_size=batch_size, device=device, devices=devices, dtype=dtype, limit=limit,
                        overwrite=overwrite, workers=workers, flush_rows=flush_rows,
                        generation=_generation(max_new_tokens, num_beams, temperature, top_p, seed))
         _run(spec, quiet)

@@ -6,6 +6,7 @@ re-running the same command resumes a stopped run, and over a grown folder proce
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from vlmbatch.engine import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.generation import GenerationSettings
 from vlmbatch.model.loading import Checkpoint, default_dtype, load_model, resolve_checkpoint
+from vlmbatch.multi import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.processor import Processor
 from vlmbatch.questions import group_by_image, load_questions
 from vlmbatch.records import ImageRecord, Question
@@ -30,6 +32,7 @@ DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 DEFAULT_CAPTION_PROMPT = "caption en"
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
 SINGLE_QUESTION_ID = "0"
+MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
 
 _COMMON_FIELDS = [
     pa.field("error", pa.string()),
@@ -61,6 +64,7 @@ class JobSpec:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     batch_size: int = 16  # KV-cache slots: sequences decoded together
     device: str = "auto"
+    devices: str | None = None  # several devices, one engine process each: "cuda:0,cuda:1" or "all"
     dtype: str | None = None
     limit: int | None = None  # at most this many new images this run
     overwrite: bool = False
@@ -110,6 +114,20 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def resolve_devices(devices: str) -> list[torch.device]:
+    """ "all" (every CUDA device) or a comma-separated list such as "cuda:0,cuda:1" or "cpu,cpu"."""
+    if devices == "all":
+        if not torch.cuda.is_available():
+            raise VlmbatchError("--devices all needs CUDA devices, and none is available")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    resolved = [resolve_device(d.strip()) for d in devices.split(",") if d.strip()]
+    if not resolved:
+        raise VlmbatchError(f"no device in --devices {devices!r}")
+    if len({d.type for d in resolved}) > 1:
+        raise VlmbatchError("--devices must all be of one kind (all cuda or all cpu)")
+    return resolved
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return default_dtype(device)
@@ -128,7 +146,8 @@ class Job:
         self.source: Source = open_source(spec.source, split=spec.split, image_column=spec.image_column,
                                           id_column=spec.id_column)
         self.questions = self._questions()
-        self.device = resolve_device(spec.device)
+        self.devices = resolve_devices(spec.devices) if spec.devices else [resolve_device(spec.device)]
+        self.device = self.devices[0]
         self.dtype = resolve_dtype(spec.dtype, self.device)
         self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
         self.config = self.checkpoint.config
@@ -205,26 +224,31 @@ class Job:
         return row
 
     def run(self, progress: ProgressFn | None = None) -> Summary:
-        spec = self.spec
-        summary = Summary(out=spec.out)
+        summary = Summary(out=self.spec.out)
         started = time.monotonic()
-        model = load_model(self.checkpoint, self.device, self.dtype)
-        engine = Engine(model, spec.generation, max_slots=spec.batch_size,
-                        max_prompt_len=self.config.num_image_tokens + 1 + 256)
-        workers = spec.workers if spec.workers is not None else default_workers()
+        lock = threading.Lock()  # with several devices, error rows are saved from the feeder thread
         with self.sink as sink:
             done = sink.done_keys()
             pending: dict[tuple, tuple[str, Question | None, str]] = {}
 
+            def save(rows: list[dict], errors: int = 0, tokens: int = 0) -> None:
+                with lock:
+                    sink.write(rows)
+                    summary.written += len(rows)
+                    summary.errors += errors
+                    summary.generated_tokens += tokens
+                    summary.seconds = time.monotonic() - started
+                    if progress:
+                        progress(summary)
+
             def work() -> Iterator[ImageWork]:
                 decoded = decode_stream(self.items(done, summary), lambda item: item.record.image,
-                                        self.config.vision.image_size, workers)
+                                        self.config.vision.image_size, self.decode_workers)
                 for item, pixels in decoded:
                     summary.images += 1
                     if isinstance(pixels, str):
-                        sink.write([self._row(item.record.id, q, prompt, error=pixels) for _, prompt, q in item.prompts])
-                        summary.errors += len(item.prompts)
-                        summary.written += len(item.prompts)
+                        rows = [self._row(item.record.id, q, prompt, error=pixels) for _, prompt, q in item.prompts]
+                        save(rows, errors=len(rows))
                         continue
                     prompts = []
                     for key, prompt, q in item.prompts:
@@ -232,19 +256,30 @@ class Job:
                         prompts.append((key, self.processor.prompt_ids(prompt)))
                     yield ImageWork(pixels, prompts)
 
-            for completion in engine.run(work()):
-                sink.write([self._completion_row(pending.pop(completion.key), completion)])
-                summary.written += 1
-                summary.generated_tokens += len(completion.tokens)
-                summary.seconds = time.monotonic() - started
-                if progress:
-                    progress(summary)
+            for completion in self._generate(work()):
+                save([self._completion_row(pending.pop(completion.key), completion)], tokens=len(completion.tokens))
             leftovers = self.unmatched_question_rows(done)
-            sink.write(leftovers)
-            summary.errors += len(leftovers)
-            summary.written += len(leftovers)
+            save(leftovers, errors=len(leftovers))
         summary.seconds = time.monotonic() - started
         return summary
+
+    @property
+    def decode_workers(self) -> int:
+        return self.spec.workers if self.spec.workers is not None else default_workers()
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.config.num_image_tokens + 1 + MAX_PROMPT_TEXT_TOKENS
+
+    def _generate(self, work: Iterator[ImageWork]) -> Iterator[Completion]:
+        spec = self.spec
+        if len(self.devices) == 1:
+            model = load_model(self.checkpoint, self.devices[0], self.dtype)
+            engine = Engine(model, spec.generation, max_slots=spec.batch_size, max_prompt_len=self.max_prompt_len)
+            return engine.run(work)
+        worker = WorkerSpec(self.checkpoint, self.dtype, spec.generation, spec.batch_size, self.max_prompt_len,
+                            cpu_threads=cpu_threads_per_worker(len(self.devices)))
+        return run_on_devices(work, self.devices, worker)
 
     def _completion_row(self, origin: tuple[str, Question | None, str], completion: Completion) -> dict:
         image_id, question, prompt = origin

@@ -1,0 +1,326 @@
+"""ParquetSink: rows flushed are never lost nor duplicated, whatever moment the process dies at."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.sinks import SETTINGS_KEY, WRITTEN_AT_KEY, ParquetSink
+
+SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("score", pa.float32())])
+SETTINGS = {
+    "model": "google/paligemma-3b-mix-224",
+    "prompt": "caption en",
+    "generation": {"max_new_tokens": 20},
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rows(start: int, stop: int, caption: str = "a cat") -> list[dict]:
+    return [{"id": f"{i:05d}", "caption": caption, "score": 0.5} for i in range(start, stop)]
+
+
+def open_sink(out: Path, **options) -> ParquetSink:
+    options = {"key": ("id",), "settings": SETTINGS, "flush_rows": 4, **options}
+    return ParquetSink(out, SCHEMA, **options)
+
+
+def ids_in(out: Path) -> list[str]:
+    return pq.read_table(out).column("id").to_pylist()
+
+
+def keys(start: int, stop: int) -> set[tuple]:
+    return {(f"{i:05d}",) for i in range(start, stop)}
+
+
+def sidecars(out: Path) -> list[str]:
+    """Everything next to OUT other than OUT itself: must be nothing after a clean close."""
+    return sorted(p.name for p in out.parent.iterdir() if p != out)
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "results" / "captions.parquet"
+
+
+class Crash(BaseException):
+    """Stands for the process dying: not an Exception, so nothing on the way handles it."""
+
+
+def abandon(sink: ParquetSink) -> None:
+    """Leave `sink` as a killed process would: no close, buffer lost, lock dropped by the kernel."""
+    sink._lock.release()
+
+
+def test_write_close_read_back(out: Path) -> None:
+    with open_sink(out, metadata={"vlmbatch.version": "0.1.0"}) as sink:
+        sink.write(rows(0, 10))
+        assert sink.done_keys() == keys(0, 10)
+    table = pq.read_table(out)
+    assert table.to_pylist() == rows(0, 10)
+    assert table.schema.remove_metadata() == SCHEMA
+    metadata = pq.read_schema(out).metadata
+    assert json.loads(metadata[SETTINGS_KEY.encode()]) == SETTINGS
+    assert metadata[b"vlmbatch.version"] == b"0.1.0" and WRITTEN_AT_KEY.encode() in metadata
+    assert sidecars(out) == []
+
+
+def test_parts_merge_into_large_row_groups(out: Path) -> None:
+    with open_sink(out, flush_rows=1) as sink:
+        for row in rows(0, 12):
+            sink.write([row])
+        assert len(list(sink.parts_dir.iterdir())) == 12
+    assert pq.ParquetFile(out).metadata.num_row_groups == 1
+
+
+def test_empty_run_still_produces_a_valid_file(out: Path) -> None:
+    open_sink(out).close()
+    assert pq.read_table(out).num_rows == 0 and sidecars(out) == []
+
+
+def test_resume_appends_without_duplicates(out: Path) -> None:
+    with open_sink(out) as sink:
+        sink.write(rows(0, 6))
+    with open_sink(out) as sink:
+        assert sink.done_keys() == keys(0, 6)
+        sink.write(rows(6, 9))
+        sink.write(rows(3, 5, caption="rewritten"))  # a repeated key keeps the row written first
+    assert ids_in(out) == [f"{i:05d}" for i in range(9)]
+    assert set(pq.read_table(out).column("caption").to_pylist()) == {"a cat"}
+
+
+def test_flush_rows_and_flush_seconds(out: Path) -> None:
+    sink = open_sink(out, flush_rows=3, flush_seconds=3600)
+    sink.write(rows(0, 2))
+    assert list(sink.parts_dir.iterdir()) == []  # still buffered
+    sink.write(rows(2, 3))
+    assert len(list(sink.parts_dir.iterdir())) == 1
+    sink.close()
+    eager = open_sink(out, flush_rows=1000, flush_seconds=0.0)
+    eager.write(rows(3, 4))
+    assert len(list(eager.parts_dir.iterdir())) == 1
+    eager.close()
+
+
+def test_crash_without_close_is_recovered_exactly_once(out: Path) -> None:
+    sink = open_sink(out)
+    sink.write(rows(0, 10))  # flushed: 10 >= flush_rows
+    sink.write(rows(10, 11))  # buffered only: lost by the crash, which is allowed
+    abandon(sink)
+
+    recovered = open_sink(out)
+    assert recovered.done_keys() == keys(0, 10)
+    recovered.write(rows(10, 12))
+    recovered.close()
+    assert ids_in(out) == [f"{i:05d}" for i in range(12)]
+
+
+def test_crash_during_merge_before_replace(out: Path, monkeypatch) -> None:
+    with open_sink(out) as sink:
+        sink.write(rows(0, 4))
+    sink = open_sink(out)
+    sink.write(rows(4, 8))
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if Path(dst) == out:
+            raise Crash
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(Crash):
+        sink.close()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert ids_in(out) == [f"{i:05d}" for i in range(4)]  # the old file is intact
+
+    with open_sink(out) as resumed:
+        assert resumed.done_keys() == keys(0, 8)
+    assert ids_in(out) == [f"{i:05d}" for i in range(8)]
+    assert sidecars(out) == []
+
+
+def test_crash_after_replace_before_parts_are_deleted(out: Path, monkeypatch) -> None:
+    sink = open_sink(out)
+    sink.write(rows(0, 4))
+    sink.write(rows(4, 8))
+    real_unlink = Path.unlink
+
+    def dying_unlink(self, *args, **kwargs):
+        if self.name.startswith("part-"):
+            raise Crash
+        real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(Crash):
+        sink.close()
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert ids_in(out) == [f"{i:05d}" for i in range(8)]
+    assert len(list(sink.parts_dir.iterdir())) == 2  # both parts are also still there
+
+    with open_sink(out) as resumed:
+        assert resumed.done_keys() == keys(0, 8)
+        resumed.write(rows(8, 10))
+    assert ids_in(out) == [f"{i:05d}" for i in range(10)]  # each key exactly once
+    assert sidecars(out) == []
+
+
+def test_leftover_temporary_files_are_ignored(out: Path) -> None:
+    sink = open_sink(out)
+    sink.write(rows(0, 4))
+    (sink.parts_dir / ".part-000001.parquet.tmp").write_bytes(b"half a part")
+    (out.parent / f".{out.name}.tmp").write_bytes(b"half a merge")
+    abandon(sink)
+    with open_sink(out):
+        pass
+    assert ids_in(out) == [f"{i:05d}" for i in range(4)] and sidecars(out) == []
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import pyarrow as pa
+    from vlmbatch.sinks import ParquetSink
+
+    schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
+    sink = ParquetSink(Path(sys.argv[1]), schema, key=("id",), settings={"model": "m"}, flush_rows=10**9)
+    done = sink.done_keys()
+    index = 0
+    while True:
+        if (f"{index:07d}",) not in done:
+            sink.write([{"id": f"{index:07d}", "caption": "x" * 100}])
+            if index % 7 == 6:
+                sink.flush()
+                print(index + 1, flush=True)  # every row below this is flushed
+        index += 1
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    flushed = 0
+    for run in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(out)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for line in child.stdout:
+            flushed = max(flushed, int(line))
+            if flushed >= 70 * (run + 1):
+                break
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        assert child.returncode == -signal.SIGKILL
+
+    schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
+    with ParquetSink(out, schema, key=("id",), settings={"model": "m"}) as sink:
+        done = sink.done_keys()
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(done)  # no duplicates
+    assert {(i,) for i in ids} == done
+    assert {f"{i:07d}" for i in range(flushed)} <= set(ids)  # nothing reported flushed was lost
+    assert ids == sorted(ids)  # resumed runs continued where the previous one stopped
+
+
+def test_settings_mismatch_names_the_differences(out: Path) -> None:
+    with open_sink(out) as sink:
+        sink.write(rows(0, 2))
+    changed = {**SETTINGS, "generation": {"max_new_tokens": 40}, "prompt": "caption es"}
+    with pytest.raises(VlmbatchError) as info:
+        open_sink(out, settings=changed)
+    message = str(info.value)
+    assert "generation.max_new_tokens: 20 -> 40" in message
+    assert 'prompt: "caption en" -> "caption es"' in message
+    assert "model" not in message.split("(")[1]  # unchanged settings are not listed
+    assert "--overwrite" in message and "--out" in message and "\n" not in message
+
+
+def test_settings_mismatch_with_leftover_parts_only(out: Path) -> None:
+    sink = open_sink(out)
+    sink.write(rows(0, 4))
+    abandon(sink)
+    with pytest.raises(VlmbatchError, match=r"\.parts/part-000000\.parquet was written with different"):
+        open_sink(out, settings={**SETTINGS, "model": "other"})
+
+
+def test_schema_mismatch(out: Path) -> None:
+    open_sink(out).close()
+    other = pa.schema([("id", pa.string()), ("caption", pa.large_string()), ("answer", pa.string())])
+    expected = r"different columns \(no column 'answer'; extra column 'score'; 'caption' is string, not large"
+    with pytest.raises(VlmbatchError, match=expected):
+        ParquetSink(out, other, key=("id",), settings=SETTINGS)
+
+
+def test_foreign_or_corrupt_output_is_not_touched(out: Path) -> None:
+    out.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows(0, 1), schema=SCHEMA), out)
+    with pytest.raises(VlmbatchError, match="not written by vlmbatch"):
+        open_sink(out)
+    out.write_bytes(b"not parquet")
+    with pytest.raises(VlmbatchError, match="not a readable Parquet file"):
+        open_sink(out)
+    assert out.read_bytes() == b"not parquet"
+
+
+def test_overwrite_starts_afresh(out: Path) -> None:
+    with open_sink(out) as sink:
+        sink.write(rows(0, 5))
+    leftover = open_sink(out)
+    leftover.write(rows(5, 9))
+    abandon(leftover)
+    with open_sink(out, settings={**SETTINGS, "model": "other"}, overwrite=True) as sink:
+        assert sink.done_keys() == set()
+        sink.write(rows(100, 101))
+    assert ids_in(out) == ["00100"]
+    assert json.loads(pq.read_schema(out).metadata[SETTINGS_KEY.encode()])["model"] == "other"
+
+
+def test_context_manager_finalizes_on_errors_and_ctrl_c(out: Path) -> None:
+    for error, start in ((RuntimeError, 0), (KeyboardInterrupt, 2)):
+        with pytest.raises(error):
+            with open_sink(out, flush_rows=100) as sink:
+                sink.write(rows(start, start + 2))  # buffered only
+                raise error
+        assert ids_in(out) == [f"{i:05d}" for i in range(start + 2)] and sidecars(out) == []
+
+
+def test_second_concurrent_run_is_refused(out: Path) -> None:
+    first = open_sink(out)
+    with pytest.raises(VlmbatchError, match="being written by another vlmbatch run"):
+        open_sink(out)
+    first.close()
+    open_sink(out).close()
+
+
+def test_unwritable_outputs_fail_at_construction(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(VlmbatchError, match="cannot write output"):
+        open_sink(tmp_path / "a-file" / "out.parquet")
+    (tmp_path / "a-dir").mkdir()
+    with pytest.raises(VlmbatchError, match="is a directory"):
+        open_sink(tmp_path / "a-dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_permission_denied_fails_at_construction(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(VlmbatchError, match="cannot write output .*Permission denied"):
+            open_sink(locked / "out.parquet")
+    finally:
+        locked.chmod(0o700)
+        shutil.rmtree(locked)

@@ -1,0 +1,399 @@
+"""Resumable, crash-safe Parquet output.
+
+Scheduled jobs re-run the same command until the collection is done, so the output must survive a
+crash, SIGKILL or Ctrl-C at any instant without losing or duplicating a row that was flushed.
+
+How, for an output OUT:
+
+* Rows are buffered, then flushed as small part files `OUT.parts/part-NNNNNN.parquet`. Each part is
+  written under a temporary name, fsynced and `os.replace`d into place (then the folder is fsynced),
+  so a part file either exists complete or does not exist.
+* `close()` merges OUT (if any) and the parts into a temporary file, streaming record batches, fsyncs it,
+  `os.replace`s it onto OUT, fsyncs the folder, and only then deletes the parts.
+* Merging keeps the first row of each key. OUT never holds a key twice (it is only ever produced by a
+  merge), so only rows from parts need checking: a part row is dropped when its key is already in OUT
+  or in an earlier part. This makes every crash state recoverable:
+    - crash while parts are being written: finished parts are kept, the temporary file is deleted on
+      the next open;
+    - crash while merging, before the replace: OUT is the old file, all parts remain; the next close
+      merges them again;
+    - crash after the replace, while deleting parts: OUT already holds the parts' rows; the next close
+      drops them as duplicates.
+  Memory during the merge is bounded by the parts' keys, not by the size of OUT.
+* An exclusive lock file (`OUT.lock`, flock-based, released by the kernel if the process dies) stops
+  two runs from writing the same output at once.
+* File metadata carries `vlmbatch.settings` (JSON) plus the caller's metadata and `vlmbatch.written_at`.
+  Reopening an output written with other settings or another schema is refused, so one file never
+  mixes results of different runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlmbatch.errors import VlmbatchError
+
+SETTINGS_KEY = "vlmbatch.settings"
+WRITTEN_AT_KEY = "vlmbatch.written_at"
+# Rows per row group of the merged file: large enough for efficient reads, small enough to buffer.
+MERGE_ROW_GROUP_ROWS = 65_536
+_PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
+_OVERWRITE_HINT = "use --overwrite to replace it or a different --out"
+_UNSET = object()  # a setting absent on one side of a comparison
+
+
+class ParquetSink:
+    """Append rows to the Parquet file `path`, resumably; see the module docstring for the guarantees.
+
+    `key` names the columns that identify a row (what resume skips on). `settings` (JSON-able) must
+    match those of any existing output; `metadata` entries are stored as they are, not compared.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        schema: pa.Schema,
+        *,
+        key: tuple[str, ...],
+        settings: dict,
+        metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
+        flush_rows: int = 256,
+        flush_seconds: float = 30.0,
+    ) -> None:
+        missing = [name for name in key if name not in schema.names]
+        if not key or missing:
+            raise ValueError(f"key columns {missing or key} must be non-empty and in the schema")
+        self.path = Path(path)
+        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self._key = tuple(key)
+        self._settings = json.loads(json.dumps(settings, sort_keys=True))  # as it will read back
+        self._metadata = {
+            **(schema.metadata or {}),
+            SETTINGS_KEY: json.dumps(self._settings, sort_keys=True),
+            **{str(name): str(value) for name, value in (metadata or {}).items()},
+        }
+        self._schema = schema.remove_metadata()
+        self._flush_rows = flush_rows
+        self._flush_seconds = flush_seconds
+        self._buffer: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self._closed = False
+        self._lock = _LockFile(self.path.with_name(self.path.name + ".lock"), self.path)
+        self._open(overwrite)
+        self._next_part = max((_part_number(p) for p in self._part_paths()), default=-1) + 1
+
+    # --- public API ------------------------------------------------------------------------------------
+
+    def done_keys(self) -> set[tuple]:
+        """Keys of every row this sink already holds: in OUT, in leftover or new parts, and buffered."""
+        keys: set[tuple] = set()
+        for path in self._existing_files():
+            keys.update(_iter_keys(path, self._key))
+        keys.update(tuple(row[name] for name in self._key) for row in self._buffer)
+        return keys
+
+    def write(self, rows: list[dict]) -> None:
+        """Buffer rows; flush when `flush_rows` are waiting or `flush_seconds` passed since the last flush."""
+        if self._closed:
+            raise RuntimeError(f"sink for {self.path} is closed")
+        self._buffer.extend(rows)
+        due = time.monotonic() - self._last_flush >= self._flush_seconds
+        if len(self._buffer) >= self._flush_rows or (due and self._buffer):
+            self.flush()
+
+    def flush(self) -> None:
+        """Make buffered rows durable as a new part file. Once this returns, no crash can lose them."""
+        if self._buffer:
+            table = pa.Table.from_pylist(self._buffer, schema=self._file_schema())
+            part = self.parts_dir / f"{_PART_PREFIX}{self._next_part:06d}{_PART_SUFFIX}"
+            _write_atomically(part, lambda file: pq.write_table(table, file))
+            self._next_part += 1
+            self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush, merge everything into the single file OUT, remove the parts and the lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+            parts = self._part_paths()
+            if parts or not self.path.exists():
+                self._merge(parts)
+            self._remove_parts(parts)
+        finally:
+            self._closed = True
+            self._lock.release()
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Finalize on success and on any exception, Ctrl-C included; the exception still propagates."""
+        self.close()
+
+    # --- opening ---------------------------------------------------------------------------------------
+
+    def _open(self, overwrite: bool) -> None:
+        """Probe that OUT is writable, lock it, then clear or validate what a previous run left."""
+        if self.path.is_dir():
+            example = self.path / "results.parquet"
+            raise VlmbatchError(f"output {self.path} is a directory; give a file path such as {example}")
+        with _output_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        try:
+            with _output_errors(self.path):
+                self._clear_leftovers(overwrite)
+            for path in self._existing_files():
+                self._check_compatible(path)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _clear_leftovers(self, overwrite: bool) -> None:
+        """Delete half-written temporary files (and, with overwrite, all previous output)."""
+        if overwrite:
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self.path.unlink(missing_ok=True)
+        self.parts_dir.mkdir(exist_ok=True)
+        _temporary_path(self.path).unlink(missing_ok=True)  # from an interrupted merge
+        for temporary in self.parts_dir.glob(".*.tmp"):  # from interrupted flushes
+            temporary.unlink()
+
+    def _check_compatible(self, path: Path) -> None:
+        """Refuse to add to a file written by another kind of run (settings or columns differ)."""
+        try:
+            existing = pq.read_schema(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise VlmbatchError(f"{path} is not a readable Parquet file; {_OVERWRITE_HINT}") from exc
+        if not existing.remove_metadata().equals(self._schema):
+            diff = _schema_diff(existing, self._schema)
+            raise VlmbatchError(f"{path} has different columns ({diff}); {_OVERWRITE_HINT}")
+        stored = (existing.metadata or {}).get(SETTINGS_KEY.encode())
+        if stored is None:
+            raise VlmbatchError(f"{path} was not written by vlmbatch (no settings in it); {_OVERWRITE_HINT}")
+        old_settings = json.loads(stored)
+        if old_settings != self._settings:
+            diff = _settings_diff(old_settings, self._settings)
+            raise VlmbatchError(f"{path} was written with different settings ({diff}); {_OVERWRITE_HINT}")
+
+    # --- files -----------------------------------------------------------------------------------------
+
+    def _part_paths(self) -> list[Path]:
+        """Finished part files in write order (temporary files start with '.' and never match)."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(self.parts_dir.glob(f"{_PART_PREFIX}*{_PART_SUFFIX}"), key=_part_number)
+
+    def _existing_files(self) -> list[Path]:
+        return ([self.path] if self.path.exists() else []) + self._part_paths()
+
+    def _file_schema(self) -> pa.Schema:
+        return self._schema.with_metadata({**self._metadata, WRITTEN_AT_KEY: _now()})
+
+    def _merge(self, parts: list[Path]) -> None:
+        """Stream OUT and the parts into a new OUT, keeping the first row of each key (see module doc)."""
+        seen: set[tuple] = set()  # keys a part row must not repeat: those in OUT, then those of earlier parts
+        if self.path.exists():
+            part_keys = {k for part in parts for k in _iter_keys(part, self._key)}
+            seen = {k for k in _iter_keys(self.path, self._key) if k in part_keys}
+
+        def write_merged(file: BinaryIO) -> None:
+            with pq.ParquetWriter(file, self._file_schema()) as writer:
+                row_groups = _RowGroupWriter(writer)
+                if self.path.exists():
+                    for batch in _batches(self.path):
+                        row_groups.add(batch)
+                for part in parts:
+                    for batch in _batches(part):
+                        row_groups.add(batch.filter(_first_occurrences(_batch_keys(batch, self._key), seen)))
+                row_groups.flush()
+
+        _write_atomically(self.path, write_merged)
+
+    def _remove_parts(self, parts: list[Path]) -> None:
+        """Delete merged parts; safe to interrupt, since OUT already holds their rows."""
+        for part in parts:
+            part.unlink(missing_ok=True)
+        try:
+            self.parts_dir.rmdir()
+        except OSError:
+            pass  # something else was put there; leave it to the user
+
+
+class _RowGroupWriter:
+    """Collects small batches (one per part) into row groups of about `MERGE_ROW_GROUP_ROWS` rows."""
+
+    def __init__(self, writer: pq.ParquetWriter) -> None:
+        self._writer = writer
+        self._pending: list[pa.RecordBatch] = []
+        self._rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch.replace_schema_metadata(self._writer.schema.metadata))
+        self._rows += batch.num_rows
+        if self._rows >= MERGE_ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            table = pa.Table.from_batches(self._pending)
+            self._writer.write_table(table, row_group_size=max(self._rows, 1))
+        self._pending, self._rows = [], 0
+
+
+class _LockFile:
+    """An exclusive, non-blocking flock on a file next to OUT; the kernel drops it if the process dies."""
+
+    def __init__(self, path: Path, output: Path) -> None:
+        self.path = path
+        self._output = output
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise VlmbatchError(
+                    f"{self._output} is being written by another vlmbatch run (lock {self.path}); "
+                    "wait for it to finish or use a different --out"
+                ) from None
+            if self._still_linked(fd):
+                self._fd = fd
+                return
+            os.close(fd)  # the previous holder removed this file as we locked it; lock the new one
+
+    def release(self) -> None:
+        """Remove the file before unlocking, so a waiting run never holds a lock on a deleted file."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` so that it either appears complete and durable or not at all."""
+    temporary = _temporary_path(path)
+    with _output_errors(path):
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+
+
+@contextmanager
+def _output_errors(path: Path) -> Iterator[None]:
+    """Report OS failures (no space, no permission, not a folder) as the user's problem, in one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise VlmbatchError(f"cannot write output {path}: {exc.strerror or exc}") from exc
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename: without this a power cut can undo an `os.replace` that already returned."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _part_number(path: Path) -> int:
+    return int(path.name[len(_PART_PREFIX) : -len(_PART_SUFFIX)])
+
+
+def _batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    return pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROW_GROUP_ROWS, columns=columns)
+
+
+def _batch_keys(batch: pa.RecordBatch, key: tuple[str, ...]) -> list[tuple]:
+    return list(zip(*(batch.column(name).to_pylist() for name in key)))
+
+
+def _iter_keys(path: Path, key: tuple[str, ...]) -> Iterator[tuple]:
+    """The keys in a file, streamed, reading only the key columns."""
+    for batch in _batches(path, list(key)):
+        yield from _batch_keys(batch, key)
+
+
+def _first_occurrences(keys: Iterable[tuple], seen: set[tuple]) -> list[bool]:
+    """A mask keeping keys not in `seen`, adding each kept key to `seen`."""
+    mask = []
+    for key in keys:
+        mask.append(key not in seen)
+        seen.add(key)
+    return mask
+
+
+def _settings_diff(old: dict, new: dict) -> str:
+    """'a.b: old -> new; ...' for every (dotted, nested) setting that differs."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    pairs = {k: (old_flat.get(k, _UNSET), new_flat.get(k, _UNSET)) for k in old_flat.keys() | new_flat.keys()}
+    changed = sorted((k, old, new) for k, (old, new) in pairs.items() if old != new)
+    return "; ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in changed)
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _UNSET else json.dumps(value)
+
+
+def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:
+    old_types = {f.name: str(f.type) for f in old}
+    new_types = {f.name: str(f.type) for f in new}
+    changes = [f"no column {name!r}" for name in new_types if name not in old_types]
+    changes += [f"extra column {name!r}" for name in old_types if name not in new_types]
+    changes += [
+        f"{name!r} is {old_types[name]}, not {new_types[name]}"
+        for name in new_types
+        if name in old_types and old_types[name] != new_types[name]
+    ]
+    return "; ".join(changes) or "column order or nullability differs"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
