@@ -34,11 +34,11 @@ def reference_generate(ckpt, images, prompts, **kwargs) -> list[list[int]]:
     return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
 
 
-def engine_generate(model, processor, images, prompts, settings, slots=8) -> list[list[int]]:
+def engine_generate(model, processor, images, prompts, settings, slots=8, **engine_kw) -> list[list[int]]:
     size = model.cfg.vision.image_size
     work = [ImageWork(resize_square(image, size), [(i, processor.prompt_ids(p))])
             for i, (image, p) in enumerate(zip(images, prompts))]
-    results = {c.key: c.tokens for c in Engine(model, settings, max_slots=slots).run(work)}
+    results = {c.key: c.tokens for c in Engine(model, settings, max_slots=slots, **engine_kw).run(work)}
     return [results[i] for i in range(len(images))]
 
 
@@ -136,6 +136,18 @@ def test_continuous_batching_with_fewer_slots_than_requests(ckpt_pg1_untied, ima
     expected = reference_generate(ckpt_pg1_untied, images, PROMPTS, max_new_tokens=10)
     settings = GenerationSettings(max_new_tokens=10)
     assert engine_generate(model, processor, images, PROMPTS, settings, slots=2) == expected
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_static_shape_decode_as_used_on_gpus(make_ckpt, images, sync_every):
+    """All slots and the full cache width every step, finished rows noticed only every few steps:
+    the GPU path's shapes and sync pattern, run here on the CPU."""
+    ckpt = make_ckpt("pg2", eos_boost=4.0)
+    model, processor = ours(ckpt)
+    expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=12)
+    got = engine_generate(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=12), slots=3,
+                          static_shapes=True, sync_every=sync_every)
+    assert got == expected
 
 
 def test_varied_output_lengths_free_slots_early(make_ckpt, images):

@@ -58,7 +58,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: PaliGemma, settings: GenerationSettings, *, max_slots: int = 32,
-                 max_prompt_len: int | None = None, vision_batch: int | None = None, sync_every: int | None = None):
+                 max_prompt_len: int | None = None, vision_batch: int | None = None, sync_every: int | None = None,
+                 static_shapes: bool | None = None, compile_decode: bool = False):
         self.model = model
         self.settings = settings
         self.device = model.device
@@ -70,6 +71,14 @@ class Engine:
         self.window = 4 * max_slots  # how many waiting requests bucketing may choose among
         # Reading finished flags back is a host-device sync; on a GPU do it every few steps only.
         self.sync_every = sync_every or (4 if self.device.type == "cuda" else 1)
+        # Static shapes: every decode step covers all slots and the whole cache width, so it needs no
+        # host sync to size itself and can be captured once as a CUDA graph. On a CPU, trimming to the
+        # live rows and columns is cheaper.
+        self.static_shapes = self.device.type == "cuda" if static_shapes is None else static_shapes
+        self.decode = model.decode
+        if compile_decode:
+            self.static_shapes = True
+            self.decode = torch.compile(model.decode, mode="reduce-overhead", dynamic=False)
         self.select = TokenSelector(settings, self.device)
         self.stats = EngineStats()
 
@@ -169,9 +178,9 @@ class Engine:
                     yield self._completion(owner.pop(i), out[i, : int(count[i])].tolist())
                 if finished:
                     continue  # refill the freed slots before the next decode step
-            hi = max(owner) + 1
+            hi, width = (s, None) if self.static_shapes else (max(owner) + 1, int(col[: max(owner) + 1].max()) + 1)
             live = ~done[:hi]
-            logits = self.model.decode(token[:hi], col[:hi], cache, width=int(col[:hi].max()) + 1)
+            logits = self.decode(token[:hi], col[:hi], cache, width)
             nxt = torch.where(live, self.select(logits), self.pad)
             out[:hi].scatter_(1, torch.where(live, count[:hi], steps)[:, None], nxt[:, None])
             token[:hi] = nxt
