@@ -113,6 +113,42 @@ def vqa(
         _run(spec, quiet)
 
 
+@app.command(epilog="""Examples:\n
+  vlmbatch run pipelines/alt_text_nightly.toml\n
+  vlmbatch run pipelines/alt_text_nightly.toml --set limit=100 --set device=cuda:1\n
+A spec holds the flags of `caption` / `vqa` as TOML keys (generation settings under [generation]).""")
+def run(
+    spec_file: Path = typer.Argument(..., help="A job spec, e.g. pipelines/alt_text_nightly.toml."),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE overriding the spec (repeatable)."),
+    quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Run a declarative job spec (scheduled alt-text jobs and the like)."""
+    from vlmbatch.jobspec import load_job_spec
+
+    with _fatal_errors(debug):
+        _run(load_job_spec(spec_file, _parse_overrides(overrides)), quiet)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise VlmbatchError(f"--set expects KEY=VALUE, got {pair!r}")
+        parsed[key.strip().replace("-", "_")] = _scalar(value.strip())
+    return parsed
+
+
+def _scalar(value: str):
+    """TOML-like typing of a --set value: integers, floats and booleans; anything else stays text."""
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
 # -- helpers --------------------------------------------------------------------------------------
 def _generation(max_new_tokens: int, num_beams: int, temperature: float, top_p: float, seed: int | None):
     try:

@@ -1,0 +1,54 @@
+"""Declarative job specs: the files under pipelines/ load, and `vlmbatch run` runs one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from factory import real_photos
+from vlmbatch.cli import app
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.jobspec import load_job_spec
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+@pytest.mark.parametrize("spec", sorted(PIPELINES.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_specs_load(spec):
+    job = load_job_spec(spec)
+    assert job.task in ("caption", "vqa")
+    assert Path(job.source).is_absolute() and job.out.is_absolute()
+    assert Path(job.source).parent.parent == PIPELINES.parent  # relative to the spec's folder
+
+
+def test_run_command_resumes_over_a_growing_folder(tmp_path, make_ckpt):
+    ckpt = make_ckpt("pg1_untied", "hub", image_size=28).path
+    photos = list(real_photos().values())
+    (tmp_path / "uploads").mkdir()
+    photos[0].save(tmp_path / "uploads" / "a.png")
+    spec = tmp_path / "job.toml"
+    spec.write_text(f'task = "caption"\nsource = "uploads"\nout = "alt.parquet"\nmodel = "{ckpt}"\n'
+                    f'workers = 0\n[generation]\nmax_new_tokens = 4\n')
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", str(spec), "--quiet"]).exit_code == 0
+    photos[1].save(tmp_path / "uploads" / "b.png")
+    result = runner.invoke(app, ["run", str(spec), "--quiet", "--set", "batch-size=2"])
+    assert result.exit_code == 0, result.output
+    assert sorted(r["id"] for r in pq.read_table(tmp_path / "alt.parquet").to_pylist()) == ["a.png", "b.png"]
+
+
+def test_spec_errors_are_clear(tmp_path):
+    spec = tmp_path / "bad.toml"
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\ncolour = "blue"\n[generation]\nbeams = 2\n')
+    with pytest.raises(VlmbatchError, match="unknown keys colour, generation.beams"):
+        load_job_spec(spec)
+    spec.write_text('task = "caption"\n')
+    with pytest.raises(VlmbatchError, match="missing required keys source, out"):
+        load_job_spec(spec)
+    with pytest.raises(VlmbatchError, match="not found"):
+        load_job_spec(tmp_path / "none.toml")
+    result = CliRunner().invoke(app, ["run", str(spec), "--set", "oops"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output

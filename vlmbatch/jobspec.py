@@ -1,0 +1,53 @@
+"""Declarative job specs (`pipelines/*.toml`) for scheduled runs: `vlmbatch run SPEC.toml`.
+
+A spec names the same things as the command-line flags. Relative paths are taken from the spec
+file's folder, so a cron entry works whatever its working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.generation import GenerationSettings
+from vlmbatch.pipeline import JobSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+_PATH_KEYS = ("source", "out", "questions")
+_JOB_KEYS = {f.name for f in dataclasses.fields(JobSpec)} - {"generation"}
+_GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationSettings)}
+
+
+def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read a TOML job spec; `overrides` (flag-like keys) win over the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise VlmbatchError(f"job spec not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise VlmbatchError(f"{path}: invalid TOML: {exc}") from None
+    generation = raw.pop("generation", {})
+    raw.update(overrides or {})
+    unknown = sorted(set(raw) - _JOB_KEYS) + sorted(f"generation.{k}" for k in set(generation) - _GENERATION_KEYS)
+    if unknown:
+        raise VlmbatchError(f"{path}: unknown keys {', '.join(unknown)}")
+    missing = [k for k in ("task", "source", "out") if k not in raw]
+    if missing:
+        raise VlmbatchError(f"{path}: missing required keys {', '.join(missing)}")
+    for key in _PATH_KEYS:
+        if isinstance(raw.get(key), str) and not Path(raw[key]).expanduser().is_absolute():
+            raw[key] = os.path.normpath(path.parent.absolute() / raw[key])
+    raw["out"] = Path(raw["out"]).expanduser()
+    try:
+        return JobSpec(generation=GenerationSettings(**generation), **raw)
+    except (TypeError, ValueError) as exc:
+        raise VlmbatchError(f"{path}: {exc}") from None
