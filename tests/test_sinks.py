@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -314,13 +313,17 @@ def test_unwritable_outputs_fail_at_construction(tmp_path: Path) -> None:
         open_sink(tmp_path / "a-dir")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_permission_denied_fails_at_construction(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        with pytest.raises(VlmbatchError, match="cannot write output .*Permission denied"):
-            open_sink(locked / "out.parquet")
-    finally:
-        locked.chmod(0o700)
-        shutil.rmtree(locked)
+def test_permission_denied_fails_at_construction(tmp_path: Path, monkeypatch) -> None:
+    """The OS refusing to create the output's files (as for a read-only folder; root ignores
+    permission bits, so the refusal is injected) is one clear error before any work."""
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    (tmp_path / "locked").mkdir()
+    with pytest.raises(VlmbatchError, match="cannot write output .*Permission denied"):
+        open_sink(tmp_path / "locked" / "out.parquet")

@@ -139,13 +139,15 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 class Job:
     """Everything resolved up front, so every fatal mistake surfaces before any work starts."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, *, source: Source | None = None, questions: list[Question] | None = None):
+        """`source` and `questions` may be given ready-made (the evaluation does); otherwise they are
+        read from `spec.source` and `spec.questions`."""
         if spec.task not in ("caption", "vqa"):
             raise VlmbatchError(f"unknown task {spec.task!r}")
         self.spec = spec
-        self.source: Source = open_source(spec.source, split=spec.split, image_column=spec.image_column,
-                                          id_column=spec.id_column)
-        self.questions = self._questions()
+        self.source: Source = source or open_source(spec.source, split=spec.split, image_column=spec.image_column,
+                                                    id_column=spec.id_column)
+        self.questions = group_by_image(questions) if questions is not None else self._questions()
         self.devices = resolve_devices(spec.devices) if spec.devices else [resolve_device(spec.device)]
         self.device = self.devices[0]
         self.dtype = resolve_dtype(spec.dtype, self.device)
