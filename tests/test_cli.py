@@ -142,6 +142,18 @@ def test_vqa_several_questions_per_image_encode_each_image_once(folder, tmp_path
     assert first["answer"] == expected["x"]
 
 
+def test_an_overlong_question_is_an_error_row_not_a_crash(folder, tmp_path, ckpt):
+    image = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[0]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": image, "question": "why " * 400, "question_id": "long"}) + "\n"
+                         + json.dumps({"image": image, "question": "what?", "question_id": "short"}) + "\n")
+    out = tmp_path / "a.parquet"
+    invoke("vqa", folder, "--questions", questions, "--out", out, "--model", ckpt, "--workers", 0, "--quiet")
+    table = {r["question_id"]: r for r in rows(out)}
+    assert table["long"]["error"].startswith("prompt too long") and table["long"]["answer"] is None
+    assert table["short"]["error"] is None and table["short"]["answer"] is not None
+
+
 def test_vqa_single_question_for_every_image(folder, tmp_path, ckpt):
     out = tmp_path / "a.parquet"
     invoke("vqa", folder, "--question", "what is it?", "--out", out, "--model", ckpt, "--workers", 0, "--quiet")

@@ -252,11 +252,20 @@ class Job:
                         rows = [self._row(item.record.id, q, prompt, error=pixels) for _, prompt, q in item.prompts]
                         save(rows, errors=len(rows))
                         continue
-                    prompts = []
+                    prompts, too_long = [], []
                     for key, prompt, q in item.prompts:
+                        ids = self.processor.prompt_ids(prompt)
+                        if len(ids) > self.max_prompt_len:
+                            too_long.append(self._row(item.record.id, q, prompt, error=(
+                                f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
+                                f"(at most {MAX_PROMPT_TEXT_TOKENS})")))
+                            continue
                         pending[key] = (item.record.id, q, prompt)
-                        prompts.append((key, self.processor.prompt_ids(prompt)))
-                    yield ImageWork(pixels, prompts)
+                        prompts.append((key, ids))
+                    if too_long:
+                        save(too_long, errors=len(too_long))
+                    if prompts:
+                        yield ImageWork(pixels, prompts)
 
             for completion in self._generate(work()):
                 save([self._completion_row(pending.pop(completion.key), completion)], tokens=len(completion.tokens))
