@@ -18,6 +18,7 @@ from vlmbatch import __version__
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.generation import GenerationSettings
 from vlmbatch.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, Job, JobSpec, Summary
+from vlmbatch.sources import Source
 
 app = typer.Typer(
     name="vlmbatch",
@@ -78,12 +79,7 @@ def caption(
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Caption every image of SOURCE into a Parquet file (columns id, caption, error, …)."""
-    with _fatal_errors(debug):
-        spec = JobSpec(task="caption", source=source, out=out, prompt=prompt, model=model, split=split,
-                       image_column=image_column, id_column=id_column, batch_size=batch_size, device=device, devices=devices,
-                       dtype=dtype, limit=limit, overwrite=overwrite, workers=workers, flush_rows=flush_rows,
-                       generation=_generation(max_new_tokens, num_beams, temperature, top_p, seed))
-        _run(spec, quiet)
+    _run_command("caption", locals())
 
 
 @app.command(epilog="""Examples:\n
@@ -104,13 +100,7 @@ def vqa(
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Answer questions about the images of SOURCE into a Parquet file (id, question_id, question, answer, error, …)."""
-    with _fatal_errors(debug):
-        spec = JobSpec(task="vqa", source=source, out=out, questions=questions, question=question,
-                       prompt_template=prompt_template, model=model, split=split, image_column=image_column,
-                       id_column=id_column, batch_size=batch_size, device=device, devices=devices, dtype=dtype, limit=limit,
-                       overwrite=overwrite, workers=workers, flush_rows=flush_rows,
-                       generation=_generation(max_new_tokens, num_beams, temperature, top_p, seed))
-        _run(spec, quiet)
+    _run_command("vqa", locals())
 
 
 @app.command(epilog="""Examples:\n
@@ -126,7 +116,7 @@ def run(
     from vlmbatch.jobspec import load_job_spec
 
     with _fatal_errors(debug):
-        _run(load_job_spec(spec_file, _parse_overrides(overrides)), quiet)
+        _run(Job(load_job_spec(spec_file, _parse_overrides(overrides))), quiet)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -149,7 +139,75 @@ def _scalar(value: str):
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
+@app.command("eval", epilog="""Examples:\n
+  vlmbatch eval --dataset coco --data ./coco --split test --out scores.json       (generate, then score)\n
+  vlmbatch eval --dataset coco --data dataset_coco.json --predictions caps.parquet (score only)\n
+  vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --predictions answers.parquet\n
+  vlmbatch eval --provision-spice                                                  (fetch SPICE's CoreNLP jars)\n
+Without --predictions the model runs first (prompt "caption en" / "answer en {question}", greedy) and its
+predictions are written beside the scores, resumably; with --predictions no model is loaded.""")
+def eval_(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="coco, flickr30k or vqav2."),
+    data: Optional[str] = typer.Option(None, "--data", help="Annotation file, folder with annotations and images, saved dataset or Hub id."),
+    split: Optional[str] = typer.Option(None, "--split", help="Karpathy split (default test) or VQAv2 subtype such as val2014."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", "-p", help="Score these predictions (Parquet or results JSON) instead of generating."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scores JSON."),
+    per_item: Optional[Path] = typer.Option(None, "--per-item", help="Parquet with each item's scores."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset: bleu,meteor,rouge,cider,spice."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA).'),
+    provision_spice: bool = typer.Option(False, "--provision-spice", help="Download SPICE's Stanford CoreNLP 3.6.0 jars into the cache."),
+    model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
+    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
+    devices: Optional[str] = DevicesOpt, dtype: Optional[str] = DtypeOpt, overwrite: bool = OverwriteOpt,
+    workers: Optional[int] = WorkersOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Score captions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) or VQAv2 answers (official accuracy)."""
+    from vlmbatch.evaluate import EvalRequest, render_report, run_eval
+    from vlmbatch.metrics.spice import provision_corenlp
+
+    with _fatal_errors(debug):
+        if provision_spice:
+            console.print(f"CoreNLP jars ready in {provision_corenlp()}", highlight=False)
+            if dataset is None:
+                return
+        if dataset is None:
+            raise VlmbatchError("--dataset is required: coco, flickr30k or vqav2")
+        generation = _generation(max_new_tokens, num_beams, temperature, top_p, seed)
+
+        def generate(task, records, questions, out_path: Path) -> Path:
+            default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
+            spec = JobSpec(task=task, source=data or dataset, out=out_path, model=model, batch_size=batch_size,
+                           prompt=prompt or default_prompt, prompt_template=prompt or default_prompt,
+                           device=device, devices=devices, dtype=dtype, overwrite=overwrite, workers=workers,
+                           generation=generation)
+            source = Source(description=f"{dataset} {split or ''}".strip(), size=None, records=lambda: iter(records))
+            _run(Job(spec, source=source, questions=questions), quiet)
+            return out_path
+
+        generating = predictions is None
+        request = EvalRequest(
+            dataset=dataset, data=data, split=split, predictions=predictions, out=out, per_item=per_item,
+            metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
+            model=model if generating else None,
+            settings={"prompt": prompt, "generation": generation.as_dict()} if generating else {})
+        report = run_eval(request, generate if generating else None)
+        render_report(report, Console())
+
+
 # -- helpers --------------------------------------------------------------------------------------
+_GENERATION_FLAGS = ("max_new_tokens", "num_beams", "temperature", "top_p", "seed")
+
+
+def _run_command(task: str, flags: dict) -> None:
+    """Run `caption` / `vqa` from its flags: the generation ones become GenerationSettings, the rest
+    are JobSpec fields of the same names."""
+    flags = dict(flags)
+    quiet, debug = flags.pop("quiet"), flags.pop("debug")
+    with _fatal_errors(debug):
+        generation = _generation(*(flags.pop(name) for name in _GENERATION_FLAGS))
+        _run(Job(JobSpec(task=task, generation=generation, **flags)), quiet)
+
+
 def _generation(max_new_tokens: int, num_beams: int, temperature: float, top_p: float, seed: int | None):
     try:
         return GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
@@ -183,8 +241,8 @@ def _error_line(message: str) -> None:
     console.print(f"[red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
 
 
-def _run(spec: JobSpec, quiet: bool) -> Summary:
-    job = Job(spec)
+def _run(job: Job, quiet: bool) -> Summary:
+    spec = job.spec
     if not quiet:
         console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "
                       f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')})", highlight=False)
