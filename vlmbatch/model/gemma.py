@@ -130,12 +130,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(self, x, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, step: Step,
+                query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token's key and value go to the cache; queries are those of all tokens, or with
+        `query_index` [B] only that one token per row (then the output is [B, 1, hidden])."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k = apply_rope(k, *rope)
+        if query_index is not None:
+            batch = torch.arange(b, device=x.device)
+            x = x[batch, query_index][:, None]
+            rope = tuple(r[batch, :, query_index][:, :, None] for r in rope)
+        q = self.q_proj(x).view(b, x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, *rope)
 
         cols = step.positions - 1  # [B, T]
         rows = step.rows[:, None].expand_as(cols)
@@ -145,7 +153,7 @@ class Attention(nn.Module):
             n = len(step.rows)
             k, v = k_cache[:n, :, : step.width], v_cache[:n, :, : step.width]
         out = self._attend(q, k, v, step.masks[self.window])
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, q.shape[2], -1))
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
         if self.softcap is None:
@@ -184,8 +192,10 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, k_cache, v_cache, step: Step) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, k_cache, v_cache, step)
+    def forward(self, x, rope, k_cache, v_cache, step: Step, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, k_cache, v_cache, step, query_index)
+        if query_index is not None:
+            x = x[torch.arange(len(x), device=x.device), query_index][:, None]
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -210,8 +220,15 @@ class GemmaDecoder(nn.Module):
         scale = torch.tensor(self.cfg.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype)
         return self.embed_tokens(ids) * scale
 
-    def forward(self, x: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, step: Step, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, T, hidden]; with `last` [B], only token last[i] of each row, [B, 1, hidden].
+
+        The last layer's output is needed only where logits are taken, so with `last` that layer
+        computes its queries, attention output and MLP for one token per row (its keys and values,
+        which later tokens attend to, still for all): a prompt of 258 tokens skips most of one layer.
+        """
         rope = self.rotary(step.positions, x.dtype)
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x = layer(x, rope, k_cache, v_cache, step)
+        final = len(self.layers) - 1
+        for i, (layer, k_cache, v_cache) in enumerate(zip(self.layers, cache.k, cache.v)):
+            x = layer(x, rope, k_cache, v_cache, step, last if i == final else None)
         return self.norm(x)

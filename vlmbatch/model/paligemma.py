@@ -53,9 +53,8 @@ class PaliGemma(nn.Module):
         """Write right-padded prompts `ids` [B, T] into cache `rows`; return float32 logits [B, V]
         of each prompt's last real token."""
         step = Step.for_prefill(rows, lengths, ids.shape[1], self.text.windows)
-        hidden = self.text(self.embed_prompt(ids, image_features), cache, step)
-        last = hidden[torch.arange(len(ids), device=ids.device), lengths - 1]
-        return self.logits(last)
+        hidden = self.text(self.embed_prompt(ids, image_features), cache, step, last=lengths - 1)
+        return self.logits(hidden[:, 0])
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cols: torch.Tensor, cache: KVCache, width: int | None = None) -> torch.Tensor:

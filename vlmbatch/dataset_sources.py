@@ -1,0 +1,213 @@
+"""Sources backed by Hugging Face `datasets`: saved datasets, manifests (Parquet / JSONL / CSV) and Hub
+datasets. Split from `sources` so that plain image folders never pay for importing `datasets`."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets.features.features import require_decoding
+from huggingface_hub.errors import GatedRepoError
+
+from vlmbatch.errors import VlmbatchError
+from vlmbatch.records import ImageRecord, ImageRef
+from vlmbatch.sources import DEFAULT_IMAGE_COLUMN, DEFAULT_SPLIT, MANIFEST_BUILDERS, Columns, Source
+
+# What reading a dataset can raise when the data (not our code) is at fault.
+_READ_ERRORS = (OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetsError)
+
+AnyDataset = datasets.Dataset | datasets.IterableDataset
+
+
+def open_saved_dataset(path: Path, split: str | None, columns: Columns) -> Source:
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except _READ_ERRORS as exc:
+        raise VlmbatchError(f"cannot load saved dataset {path}: {_one_line(exc)}") from exc
+    description = f"dataset {path}"
+    if isinstance(loaded, datasets.DatasetDict):
+        chosen = _pick_split(loaded, split, description)
+        loaded, description = loaded[chosen], f"{description} (split {chosen})"
+    return _dataset_source(loaded, columns, base_dir=path, description=description, size=len(loaded))
+
+
+def open_manifest(files: list[Path], columns: Columns, description: str) -> Source:
+    """Stream data files with `datasets`; relative image paths resolve from the files' folder."""
+    builder = MANIFEST_BUILDERS[files[0].suffix.lower()]
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:  # `datasets` fails on these with a bare StopIteration
+        raise VlmbatchError(f"manifest file {empty[0]} is empty")
+    try:
+        data_files = [str(f) for f in files]
+        dataset = datasets.load_dataset(builder, data_files=data_files, split="train", streaming=True)
+        size = sum(pq.read_metadata(f).num_rows for f in files) if builder == "parquet" else None
+    except _READ_ERRORS as exc:
+        raise VlmbatchError(f"cannot read {description}: {_one_line(exc)}") from exc
+    return _dataset_source(dataset, columns, base_dir=files[0].parent, description=description, size=size)
+
+
+def open_hub(name: str, split: str | None, columns: Columns) -> Source:
+    """Stream a Hub dataset; nothing is downloaded up front beyond the file listing."""
+    splits = _load_hub_dataset(name)
+    chosen = _pick_split(splits, split, f"Hub dataset {name}")
+    dataset = splits[chosen]
+    split_info = (dataset.info.splits or {}).get(chosen)
+    size = split_info.num_examples if split_info and split_info.num_examples else None
+    description = f"Hub dataset {name} (split {chosen})"
+    return _dataset_source(dataset, columns, base_dir=None, description=description, size=size)
+
+
+def _load_hub_dataset(name: str) -> Mapping[str, datasets.IterableDataset]:
+    """`load_dataset(name, streaming=True)` with its many failure modes turned into one clear line."""
+    try:
+        return datasets.load_dataset(name, streaming=True)
+    except GatedRepoError as exc:
+        raise VlmbatchError(
+            f"Hub dataset {name} is gated: accept its terms on huggingface.co and set HF_TOKEN"
+        ) from exc
+    except datasets.exceptions.DatasetNotFoundError as exc:
+        raise VlmbatchError(
+            f"source not found: {name} is neither a local path nor an accessible Hub dataset "
+            "(check the name; private or gated datasets need HF_TOKEN)"
+        ) from exc
+    except ConnectionError as exc:
+        raise VlmbatchError(
+            f"cannot reach the Hugging Face Hub to load {name} (offline?); "
+            "use a local path, or set HF_HUB_OFFLINE=1 if the dataset is cached"
+        ) from exc
+    except Exception as exc:  # the Hub stack raises many types; the user needs one line, not a traceback
+        raise VlmbatchError(f"cannot load Hub dataset {name}: {_one_line(exc)}") from exc
+
+
+def _pick_split(splits: Mapping[str, Any], split: str | None, where: str) -> str:
+    names = list(splits)
+    if split is not None:
+        if split in splits:
+            return split
+        raise VlmbatchError(f"split {split!r} not found in {where}; available splits: {', '.join(names)}")
+    if DEFAULT_SPLIT in splits:
+        return DEFAULT_SPLIT
+    if len(names) == 1:
+        return names[0]
+    raise VlmbatchError(f"{where} has several splits ({', '.join(names)}); choose one with --split")
+
+
+def _dataset_source(
+    dataset: AnyDataset, columns: Columns, *, base_dir: Path | None, description: str, size: int | None
+) -> Source:
+    """Validate the columns, switch image decoding off and wrap the dataset as a `Source`."""
+    names = _column_names(dataset, description)
+    image_column = columns.image or _default_image_column(dataset.features)
+    for option, column in (("--image-column", image_column), ("--id-column", columns.id)):
+        if column is not None and column not in names:
+            raise VlmbatchError(
+                f"no column {column!r} in {description} (set {option}); available columns: {', '.join(names)}"
+            )
+    passthrough = [n for n in names if n != image_column and not _is_media_or_binary(dataset.features, n)]
+    if dataset.features is not None:
+        # Drop other media columns so iterating never decodes them, and keep the image undecoded.
+        dataset = dataset.select_columns([image_column, *passthrough])
+        if isinstance(dataset.features[image_column], datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    reader = _DatasetReader(dataset, image_column, columns.id, passthrough, base_dir, description)
+    return Source(description=description, size=size, records=reader.records)
+
+
+def _column_names(dataset: AnyDataset, description: str) -> list[str]:
+    """Column names, peeking at the first row when a streamed format (CSV) does not declare them."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    try:
+        first = next(iter(dataset), None)
+    except _READ_ERRORS as exc:
+        raise VlmbatchError(f"cannot read {description}: {_one_line(exc)}") from exc
+    if first is None:
+        raise VlmbatchError(f"{description} has no rows")
+    return list(first)
+
+
+def _default_image_column(features: datasets.Features | None) -> str:
+    """The first column typed as `datasets.Image`, else "image"."""
+    for name, feature in (features or {}).items():
+        if isinstance(feature, datasets.Image):
+            return name
+    return DEFAULT_IMAGE_COLUMN
+
+
+def _is_media_or_binary(features: datasets.Features | None, name: str) -> bool:
+    """Columns that do not belong in `ImageRecord.extra`: decodable media and raw bytes."""
+    if features is None:
+        return False
+    feature = features[name]
+    binary = isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary")
+    return binary or require_decoding(feature)
+
+
+@dataclass(frozen=True)
+class _DatasetReader:
+    """Turns dataset rows into `ImageRecord`s; re-iterable because each call restarts the dataset."""
+
+    dataset: AnyDataset
+    image_column: str
+    id_column: str | None
+    passthrough: list[str]
+    base_dir: Path | None
+    description: str
+
+    def records(self) -> Iterator[ImageRecord]:
+        try:
+            for index, row in enumerate(self.dataset):
+                yield self._record(index, row)
+        except _READ_ERRORS as exc:
+            raise VlmbatchError(f"cannot read {self.description}: {_one_line(exc)}") from exc
+
+    def _record(self, index: int, row: Mapping[str, Any]) -> ImageRecord:
+        record_id = str(row[self.id_column]) if self.id_column else str(index)
+        extra = {name: _json_simple(row[name]) for name in self.passthrough}
+        return ImageRecord(id=record_id, image=self._image_ref(row[self.image_column]), extra=extra)
+
+    def _image_ref(self, value: Any) -> ImageRef:
+        """A path (made absolute against `base_dir`) or bytes, from any way a dataset stores an image.
+
+        A missing image becomes empty bytes, which the workers report as an undecodable image for that
+        row instead of stopping the run.
+        """
+        if isinstance(value, Mapping):  # the `datasets.Image` struct: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if value is None:
+            return b""
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, str):
+            is_local_relative = "://" not in value and not os.path.isabs(value)
+            return str(self.base_dir / value) if self.base_dir and is_local_relative else value
+        raise VlmbatchError(
+            f"column {self.image_column!r} of {self.description} holds {type(value).__name__} values, "
+            "not image paths or bytes (set --image-column)"
+        )
+
+
+def _json_simple(value: Any) -> Any:
+    """Reduce a dataset value to JSON types so `extra` can be written anywhere; bytes are dropped."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return None
+    if isinstance(value, Mapping):
+        return {str(key): _json_simple(item) for key, item in value.items()}
+    if isinstance(value, Iterable):
+        return [_json_simple(item) for item in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
