@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -154,7 +156,7 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     cfg = checkpoint.config
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_random_init():
         model = PaliGemma(cfg)
     state = read_state_dict(checkpoint, device)
     if cfg.tie_word_embeddings:
@@ -165,6 +167,22 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
         model.lm_head.weight = model.text.embed_tokens.weight
     _rebuild_buffers(model, device)
     return model.eval()
+
+
+@contextmanager
+def _skip_random_init() -> Iterator[None]:
+    """Make `torch.nn.init`'s initialisers no-ops while the model is built: its weights are about to
+    be loaded, and on the meta device the initialisers only cost time (they route through torch's
+    reference ops, which import the compiler: over a second of start-up)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _check_names(checkpoint: Checkpoint, model: PaliGemma, state: dict[str, torch.Tensor]) -> None:
@@ -192,8 +210,7 @@ def _some(names: list[str], limit: int = 8) -> str:
 
 
 def _rebuild_buffers(model: PaliGemma, device: torch.device) -> None:
-    """Non-persistent buffers were created on the meta device; compute them for real."""
+    """Non-persistent buffers are not in the checkpoint; RoPE's were computed on the CPU, move them."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(model.cfg.text.head_dim, model.cfg.text.rope_theta)
-            module.inv_freq = fresh.inv_freq.to(device)
+            module.inv_freq = module.inv_freq.to(device)

@@ -1,0 +1,58 @@
+"""Smoke test of the benchmark scripts in eval/: each runs end to end on a tiny workload and writes
+JSON with the expected keys and sane values. Nothing is timed against a threshold here: benchmarks
+measure, tests check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # spawns the benchmark, which spawns vlmbatch and transformers
+
+
+def run_benchmark(name: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / f"{name}.py"), *args, "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "goal:" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def check_machine(machine: dict) -> None:
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["torch"] and machine["device"]
+
+
+def test_throughput_benchmark_runs_both_sides(tmp_path):
+    r = run_benchmark("bench_throughput", tmp_path, "--tiny", "--images", "4", "--max-new-tokens", "4")
+    check_machine(r["machine"])
+    assert r["workload"]["images"] == 4 and r["workload"]["parameters"]["total"] > 0
+    for side in ("vlmbatch", "transformers"):
+        figures = r[side]
+        assert figures["images_per_second"] > 0 and figures["seconds"] > 0
+        assert figures["loop_images_per_second"] is None or figures["loop_images_per_second"] > 0
+        assert figures["peak_rss_mb"] > 50 and figures["peak_tree_rss_mb"] > 50  # a Python with torch
+    assert r["speedup_whole_process"] > 0
+    assert r["compared"] == 4 and r["errors"] == 0
+    assert 0 <= r["identical_share"] <= 1
+    lengths = r["lengths"]
+    assert 0 <= lengths["min"] <= lengths["median"] <= lengths["max"] <= 4
+    assert sum(lengths["histogram"].values()) == 4
+    assert set(r["goals"]) == {"speedup_whole_process", "identical_share"}
+
+
+def test_memory_benchmark_samples_rss_against_progress(tmp_path):
+    r = run_benchmark("bench_memory", tmp_path, "--images", "300", "--flush-rows", "50", "--interval", "0.2")
+    check_machine(r["machine"])
+    assert r["workload"]["rows_written"] == 300
+    assert r["images_per_second"] > 0 and r["peak_tree_rss_mb"] > 50
+    assert set(r["rss_at_progress"]) == {"10%", "50%", "90%"}
+    seen = [mark for mark in r["rss_at_progress"].values() if mark is not None]
+    assert seen and all(mark["tree_rss_mb"] >= mark["main_rss_mb"] > 0 for mark in seen)
+    assert r["slope_tree_mb_per_10k_images"] is None or isinstance(r["slope_tree_mb_per_10k_images"], float)
+    assert r["samples"] and all(len(s) == 4 for s in r["samples"])
