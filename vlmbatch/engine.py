@@ -12,7 +12,7 @@ through `generation.beam_search` instead.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -53,7 +53,6 @@ class EngineStats:
     decode_steps: int = 0
     generated_tokens: int = 0
     slot_steps: int = 0  # sum over decode steps of rows computed (live or not)
-    extra: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -178,7 +177,11 @@ class Engine:
                     yield self._completion(owner.pop(i), out[i, : int(count[i])].tolist())
                 if finished:
                     continue  # refill the freed slots before the next decode step
-            hi, width = (s, None) if self.static_shapes else (max(owner) + 1, int(col[: max(owner) + 1].max()) + 1)
+            if self.static_shapes:
+                hi, width = s, None
+            else:  # only rows up to the highest live slot, columns up to the longest of them
+                hi = max(owner) + 1
+                width = int(col[:hi].max()) + 1
             live = ~done[:hi]
             logits = self.decode(token[:hi], col[:hi], cache, width)
             nxt = torch.where(live, self.select(logits), self.pad)
