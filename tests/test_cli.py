@@ -141,6 +141,22 @@ def test_vqa_several_questions_per_image_encode_each_image_once(folder, tmp_path
     assert first["answer"] == expected["x"]
 
 
+def test_vqa_limit_leaves_unreached_questions_for_the_next_run(folder, tmp_path, ckpt):
+    """--limit stops before the source's end: questions about images not reached yet are not
+    'missing from the source', and a later run answers them."""
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"image": img, "question": "what?"}) + "\n" for img in images))
+    out = tmp_path / "a.parquet"
+    args = ["vqa", folder, "--questions", questions, "--out", out, "--model", ckpt, "--max-new-tokens", 4,
+            "--workers", 0, "--quiet"]
+    invoke(*args, "--limit", 2)
+    assert len(rows(out)) == 2 and all(r["error"] is None for r in rows(out))
+    invoke(*args)
+    table = rows(out)
+    assert sorted(r["id"] for r in table) == images and all(r["error"] is None for r in table)
+
+
 def test_an_overlong_question_is_an_error_row_not_a_crash(folder, tmp_path, ckpt):
     image = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[0]
     questions = tmp_path / "q.jsonl"

@@ -148,6 +148,7 @@ class Job:
         self.source: Source = source or open_source(spec.source, split=spec.split, image_column=spec.image_column,
                                                     id_column=spec.id_column)
         self.questions = group_by_image(questions) if questions is not None else self._questions()
+        self.source_exhausted = False
         self.devices = resolve_devices(spec.devices) if spec.devices else [resolve_device(spec.device)]
         self.device = self.devices[0]
         self.dtype = resolve_dtype(spec.dtype, self.device)
@@ -187,6 +188,7 @@ class Job:
     def items(self, done: set[tuple], summary: Summary) -> Iterator[_Item]:
         """Images with rows still to produce, at most `limit` of them."""
         produced = 0
+        self.source_exhausted = False
         for record in self.source:
             if self.spec.limit is not None and produced >= self.spec.limit:
                 return
@@ -196,6 +198,7 @@ class Job:
             if todo:
                 produced += 1
                 yield _Item(record, todo)
+        self.source_exhausted = True
 
     def _prompts(self, record: ImageRecord) -> list[tuple[tuple, str, Question | None]]:
         spec = self.spec
@@ -208,7 +211,10 @@ class Job:
         return [((record.id, q.question_id), spec.prompt_template.format(question=q.question), q) for q in questions]
 
     def unmatched_question_rows(self, done: set[tuple]) -> list[dict]:
-        """Questions whose image the source does not have: one error row each."""
+        """Questions whose image the source does not have: one error row each. Only known once the
+        whole source was read: a run stopped by --limit leaves the others for the next run."""
+        if not self.source_exhausted:
+            return []
         rows = []
         for image, questions in (self.questions or {}).items():
             for q in questions:
