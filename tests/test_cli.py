@@ -157,6 +157,23 @@ def test_vqa_limit_leaves_unreached_questions_for_the_next_run(folder, tmp_path,
     assert sorted(r["id"] for r in table) == images and all(r["error"] is None for r in table)
 
 
+def test_progress_counts_images_not_rows(folder, tmp_path, ckpt):
+    """A resumed VQA run with several questions per image: skipped images and processed images add up
+    to the source's images, never to its question rows."""
+    from vlmbatch.pipeline import Job, JobSpec
+
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"image": img, "question": q}) + "\n" for img in images
+                                 for q in ("what?", "where?", "who?")))
+    out = tmp_path / "a.parquet"
+    common = dict(task="vqa", source=str(folder), out=out, questions=str(questions), model=str(ckpt), workers=0)
+    Job(JobSpec(**common, limit=2)).run()
+    summary = Job(JobSpec(**common)).run()
+    assert summary.images_skipped == 2 and summary.images == len(images) - 2
+    assert summary.already_done == 6
+
+
 def test_an_overlong_question_is_an_error_row_not_a_crash(folder, tmp_path, ckpt):
     image = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[0]
     questions = tmp_path / "q.jsonl"

@@ -265,8 +265,8 @@ def _progress(job: Job, quiet: bool):
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task(job.spec.task, total=total, rate=0.0, errors=0)
-            yield lambda s: bar.update(task, completed=s.images + s.already_done if total else s.images,
-                                       rate=s.images_per_second, errors=s.errors)
+            yield lambda s: bar.update(task, completed=s.images + s.images_skipped, rate=s.images_per_second,
+                                       errors=s.errors)
         return
     last = [0.0]
 

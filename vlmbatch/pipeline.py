@@ -81,7 +81,8 @@ class Summary:
     out: Path
     written: int = 0
     errors: int = 0
-    already_done: int = 0
+    already_done: int = 0  # rows the output already held
+    images_skipped: int = 0  # source records with nothing left to do
     images: int = 0
     seconds: float = 0.0
     generated_tokens: int = 0
@@ -195,9 +196,11 @@ class Job:
             prompts = self._prompts(record)
             todo = [p for p in prompts if p[0] not in done]
             summary.already_done += len(prompts) - len(todo)
-            if todo:
-                produced += 1
-                yield _Item(record, todo)
+            if not todo:
+                summary.images_skipped += 1
+                continue
+            produced += 1
+            yield _Item(record, todo)
         self.source_exhausted = True
 
     def _prompts(self, record: ImageRecord) -> list[tuple[tuple, str, Question | None]]:
