@@ -18,7 +18,7 @@ from typing import Hashable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from vlmbatch.generation import GenerationSettings, TokenSelector, beam_search
+from vlmbatch.generation import GenerationSettings, TokenSelector, beam_search, finish
 from vlmbatch.model.paligemma import PaliGemma
 from vlmbatch.processor import Processor
 
@@ -195,10 +195,9 @@ class Engine:
             since_sync += 1
 
     def _completion(self, key: Hashable, tokens: list[int]) -> Completion:
+        tokens, reason = finish(tokens, self.eos)
         self.stats.generated_tokens += len(tokens)
-        if tokens and tokens[-1] == self.eos:
-            return Completion(key, tokens[:-1], "eos")
-        return Completion(key, tokens, "length")
+        return Completion(key, tokens, reason)
 
     # -- beam search: static, length-bucketed batches ----------------------------------------------
     def _run_beams(self, requests: Iterator[_Request]) -> Iterator[Completion]:

@@ -142,10 +142,11 @@ def beam_search(model: PaliGemma, ids: torch.Tensor, lengths: torch.Tensor, imag
         cache.copy_rows(torch.arange(n * k, device=device), rows)
         logits = model.decode(running[:, :, t].flatten(), cols + t, cache)
 
-    return [_beam_output(done[i, 0, : done_len[i, 0]].tolist(), eos_id) for i in range(n)]
+    return [BeamOutput(*finish(done[i, 0, : done_len[i, 0]].tolist(), eos_id)) for i in range(n)]
 
 
-def _beam_output(tokens: list[int], eos_id: int) -> BeamOutput:
+def finish(tokens: list[int], eos_id: int) -> tuple[list[int], str]:
+    """A finished sequence's tokens without the final <eos>, and why it ended ("eos" or "length")."""
     if tokens and tokens[-1] == eos_id:
-        return BeamOutput(tokens[:-1], "eos")
-    return BeamOutput(tokens, "length")
+        return tokens[:-1], "eos"
+    return tokens, "length"
