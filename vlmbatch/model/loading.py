@@ -14,6 +14,7 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -55,7 +56,7 @@ class Checkpoint:
     path: Path
     name: str  # what the user passed: a Hub id or a local path
 
-    @property
+    @cached_property  # read once: the job, the loader and the processor all ask for it
     def config(self) -> PaliGemmaConfig:
         config_file = self.path / "config.json"
         if not config_file.is_file():
