@@ -47,9 +47,9 @@ def test_throughput_benchmark_runs_both_sides(tmp_path):
 
 
 def test_memory_benchmark_samples_rss_against_progress(tmp_path):
-    r = run_benchmark("bench_memory", tmp_path, "--images", "300", "--flush-rows", "50", "--interval", "0.2")
+    r = run_benchmark("bench_memory", tmp_path, "--images", "600", "--flush-rows", "50", "--interval", "0.05")
     check_machine(r["machine"])
-    assert r["workload"]["rows_written"] == 300
+    assert r["workload"]["rows_written"] == 600
     assert r["images_per_second"] > 0 and r["peak_tree_rss_mb"] > 50
     assert set(r["rss_at_progress"]) == {"10%", "50%", "90%"}
     seen = [mark for mark in r["rss_at_progress"].values() if mark is not None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from factory import broken_images, photo_variants, real_photos
@@ -23,6 +25,7 @@ from vlmbatch.generation import GenerationSettings
 from vlmbatch.images import load_resized
 from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.siglip import SiglipVisionTower
+from vlmbatch.pipeline import default_workers
 from vlmbatch.processor import Processor
 
 runner = CliRunner()
@@ -296,3 +299,23 @@ def test_sigkill_mid_run_then_rerun_gives_every_id_once(tmp_path, make_ckpt):
     ids = [r["id"] for r in rows(out)]
     assert sorted(ids) == sorted(p.name for p in root.iterdir())  # every id exactly once
     assert not parts.exists() or not list(parts.glob("*.parquet"))
+
+
+def test_decode_workers_default_to_spare_cores_beside_an_accelerator_only():
+    """On a CPU-only run the model's threads use every core and a decode process would compete with
+    them, so images are decoded in the main process; beside a GPU, on 1 to 8 spare cores."""
+    assert default_workers([torch.device("cpu")]) == 0
+    assert default_workers([torch.device("cpu"), torch.device("cpu")]) == 0
+    assert 1 <= default_workers([torch.device("cuda", 0)]) <= 8
+    assert 1 <= default_workers([torch.device("cuda", 0), torch.device("cuda", 1)]) <= 8
+
+
+def test_console_script_stays_light_for_spawned_workers():
+    """A spawned decode process re-runs the program's main script. The `vlmbatch` script imports its
+    entry point from `vlmbatch.__main__`, which must not import torch or the command line (seconds of
+    CPU per worker, taken from the model, before its first image)."""
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="vlmbatch")
+    assert script.value == "vlmbatch.__main__:main"
+    code = "import sys, vlmbatch.__main__; print([m for m in ('torch', 'vlmbatch.cli') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

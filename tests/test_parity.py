@@ -11,6 +11,7 @@ from factory import photo_variants
 from vlmbatch.engine import Engine, ImageWork
 from vlmbatch.generation import GenerationSettings
 from vlmbatch.images import load_image, resize_square
+from vlmbatch.model import blocks
 from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.processor import Processor
 
@@ -114,6 +115,26 @@ def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, va
         got.append(model.decode(suffix[:, t], lengths + t, cache))
     got = torch.stack(got, dim=1)
     torch.testing.assert_close(got, ref[:, prompt_len - 1: -1], atol=1e-4, rtol=0)
+
+
+def test_mlp_row_blocks_leave_outputs_unchanged(ckpt_pg1_untied, images, monkeypatch):
+    """On a CPU the MLPs run over slices of rows (`model.blocks`); vision features and prompt logits
+    are the same bits as in one piece."""
+    model, processor = ours(ckpt_pg1_untied)
+    pixels = processor.pixel_values(images)
+    batch = processor.collate([processor.prompt_ids(p) for p in PROMPTS])
+
+    def run():
+        features = model.encode_images(pixels)
+        cache = model.allocate_cache(len(PROMPTS), batch.ids.shape[1])
+        return features, model.prefill(batch.ids, batch.lengths, features, cache, torch.arange(len(PROMPTS)))
+
+    monkeypatch.setattr(blocks, "CPU_ROW_BLOCK", 10**9)
+    whole = run()
+    monkeypatch.setattr(blocks, "CPU_ROW_BLOCK", 100)  # 5 images x 256 patches: 13 slices, the last short
+    sliced = run()
+    assert torch.equal(whole[0], sliced[0])
+    assert torch.equal(whole[1], sliced[1])
 
 
 # -- generation -----------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of 
 SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
 ImageColOpt = typer.Option(None, "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
 IdColOpt = typer.Option(None, "--id-column", help="Dataset column holding record ids (default: the row index).")
-WorkersOpt = typer.Option(None, "--workers", min=0, help="Image-decoding processes (0: decode in the main process).")
+WorkersOpt = typer.Option(None, "--workers", min=0, help="Image-decoding processes (0: decode in the main process). "
+                          "Default: 0 on a CPU-only run, else cores - 1 (at most 8).")
 FlushOpt = typer.Option(256, "--flush-rows", min=1, help="Rows buffered before they are saved (a crash loses at most these).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")

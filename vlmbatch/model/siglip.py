@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmbatch.model.blocks import in_row_blocks
 from vlmbatch.model.config import VisionConfig
 
 
@@ -48,6 +49,9 @@ class SiglipMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_row_blocks(self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
