@@ -312,7 +312,7 @@ def default_workers(devices: list[torch.device]) -> int:
     """Decode processes when --workers is not given. With an accelerator the CPU is otherwise idle, so
     decoding moves to spare cores (at most 8). On a CPU-only run torch's threads already use every core;
     a decode process would only take turns with them, and each turn stalls a whole parallel matmul (on 2
-    cores it cost 10-15 % of the run), so images are decoded in the main process between model steps."""
+    cores it made whole runs 8-21 % slower), so images are decoded in the main process between steps."""
     if all(device.type == "cpu" for device in devices):
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
