@@ -357,7 +357,11 @@ def side_by_side(runner: Runner, images: int, batch_size: int, repeats: int) -> 
                     "loop_images_per_second": stats["loop_images_per_second"],
                     "generate_seconds": round(stats["generate_seconds"], 2),
                     **memory_figures([m for m, _, _ in theirs], [s for _, _, s in theirs])}
+    # Each transformers run and the vlmbatch run right after it saw nearly the same machine: on a shared
+    # host whose speed drifts, these paired ratios are steadier than the ratio of the two fastest runs.
+    paired = [t.seconds / o.seconds for (t, _, _), (o, _, _) in zip(theirs, ours)]
     return {"vlmbatch": vlmbatch, "transformers": transformers, **comparison, "lengths": lengths,
+            "paired_speedups": [round(x, 3) for x in paired], "paired_speedup_median": statistics.median(paired),
             "speedup_whole_process": vlmbatch["images_per_second"] / transformers["images_per_second"],
             "speedup_in_loop": loop_ours / transformers["loop_images_per_second"] if loop_ours else None}
 
@@ -400,7 +404,9 @@ def report(r: dict) -> None:
     print(f"\n{'':30} {'vlmbatch':>10} {'transformers':>13} {'ratio':>7}")
     for name, a, b, ratio in rows:
         print(f"{name:30} {cell(a):>10} {cell(b):>13} {(cell(ratio) + 'x') if ratio else '':>7}")
-    print(f"\nidentical outputs: {r['identical']}/{r['compared']} ({100 * r['identical_share']:.1f} %), "
+    print(f"\nwhole-process ratio of each transformers run to the vlmbatch run after it: "
+          f"{', '.join(f'{x:.2f}x' for x in r['paired_speedups'])} (median {r['paired_speedup_median']:.2f}x)")
+    print(f"identical outputs: {r['identical']}/{r['compared']} ({100 * r['identical_share']:.1f} %), "
           f"vlmbatch error rows: {r['errors']}")
     for ex in r["examples_different"]:
         print(f"   differs: {ex['id']}: vlmbatch {ex['vlmbatch']!r} / transformers {ex['transformers']!r}")
