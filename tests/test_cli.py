@@ -319,3 +319,42 @@ def test_console_script_stays_light_for_spawned_workers():
     code = "import sys, vlmbatch.__main__; print([m for m in ('torch', 'vlmbatch.cli') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_caption_job_does_not_import_pandas(folder, ckpt, tmp_path):
+    """pyarrow imports pandas on its first conversion only to probe for pandas objects: half a second
+    of every run's start-up. The CLI skips the probe; the output is unchanged."""
+    out = tmp_path / "caps.parquet"
+    argv = ["vlmbatch", "caption", str(folder), "--out", str(out), "--model", str(ckpt), "--max-new-tokens", "4",
+            "--quiet"]
+    code = f"""
+import sys
+from vlmbatch.__main__ import main
+sys.argv = {argv!r}
+try:
+    main()
+except SystemExit as done:
+    assert done.code in (0, None), done.code
+print(sorted(m for m in ("pyarrow.parquet", "pandas") if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "['pyarrow.parquet']"
+    assert len(rows(out)) == len(list(folder.rglob("*.jpg")))
+
+
+def test_pyarrow_still_converts_pandas_after_the_probe_is_skipped():
+    code = """
+import sys
+from vlmbatch.sinks import skip_pyarrows_pandas_probe
+skip_pyarrows_pandas_probe()
+import pyarrow as pa
+table = pa.Table.from_pylist([{"a": 1, "b": "x"}, {"a": 2, "b": None}])
+assert "pandas" not in sys.modules
+frame = table.to_pandas()
+import pandas as pd
+assert pa.Table.from_pandas(frame).to_pylist() == table.to_pylist()
+assert pa.array(pd.Series([1.5, None])).to_pylist() == [1.5, None]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "ok"

@@ -91,11 +91,14 @@ def test_decode_keeps_location_tokens(ckpt_pg1_untied):
 
 
 # -- logits ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, variant):
+@pytest.mark.parametrize("variant, overrides", [(v, {}) for v in VARIANTS] + [
+    ("pg1_untied", {"num_key_value_heads": 2}),  # grouped-query attention, as in PaliGemma 2's larger
+    ("pg2", {"num_key_value_heads": 2}),         # decoders (the others have one key/value head)
+], ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) or "mqa" if isinstance(value, dict) else value)
+def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, variant, overrides):
     """Prompt logits, then teacher-forced decode steps through the KV cache, against one full
     forward of the reference with the suffix marked causal (token_type_ids 1)."""
-    ckpt = make_ckpt(variant)
+    ckpt = make_ckpt(variant, **overrides)
     model, processor = ours(ckpt)
     prompts = ["caption en", "caption es"]  # equal lengths: the reference forward needs no padding
     inputs = ckpt.processor()(text=prompts, images=images[:2], return_tensors="pt")

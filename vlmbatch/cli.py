@@ -18,6 +18,7 @@ from vlmbatch import __version__
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.generation import GenerationSettings
 from vlmbatch.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, Job, JobSpec, Summary
+from vlmbatch.sinks import skip_pyarrows_pandas_probe
 from vlmbatch.sources import Source
 
 app = typer.Typer(
@@ -206,7 +207,9 @@ def _run_command(task: str, flags: dict) -> None:
     quiet, debug = flags.pop("quiet"), flags.pop("debug")
     with _fatal_errors(debug):
         generation = _generation(*(flags.pop(name) for name in _GENERATION_FLAGS))
-        _run(Job(JobSpec(task=task, generation=generation, **flags)), quiet)
+        job = Job(JobSpec(task=task, generation=generation, **flags))
+        skip_pyarrows_pandas_probe()  # after the source is open: a dataset source has imported pandas itself
+        _run(job, quiet)
 
 
 def _generation(max_new_tokens: int, num_beams: int, temperature: float, top_p: float, seed: int | None):

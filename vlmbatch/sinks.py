@@ -33,6 +33,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -52,6 +53,34 @@ MERGE_ROW_GROUP_ROWS = 65_536
 _PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
 _OVERWRITE_HINT = "use --overwrite to replace it or a different --out"
 _UNSET = object()  # a setting absent on one side of a comparison
+
+
+def skip_pyarrows_pandas_probe() -> None:
+    """Spare this process pyarrow's import of pandas (half a second of start-up, every run).
+
+    On its first conversion of Python values pyarrow imports pandas, only to ask whether the values
+    are pandas objects; a job's rows never are. This lets that one probe find no pandas: pyarrow then
+    treats values as not pandas without importing it, and still imports pandas if anything later asks
+    it for pandas output (`to_pandas`, `from_pandas`). For the CLI, which owns its process; a no-op
+    once pandas is imported.
+    """
+    if "pandas" in sys.modules:
+        return
+    sys.meta_path.insert(0, _NoPandas)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(_NoPandas)
+
+
+class _NoPandas:
+    """A meta path finder under which `import pandas` fails."""
+
+    @staticmethod
+    def find_spec(name: str, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("not imported for pyarrow's probe", name=name)
+        return None
 
 
 class ParquetSink:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmbatch.model.blocks import Linear
 from vlmbatch.model.config import PaliGemmaConfig
 from vlmbatch.model.gemma import GemmaDecoder, KVCache, Step
 from vlmbatch.model.siglip import SiglipVisionTower
@@ -21,7 +22,7 @@ class PaliGemma(nn.Module):
         self.vision = SiglipVisionTower(cfg.vision)
         self.projector = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.text = GemmaDecoder(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.text.embed_tokens.weight
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmbatch.model.blocks import in_row_blocks
+from vlmbatch.model.blocks import gelu_tanh, in_row_blocks
 from vlmbatch.model.config import VisionConfig
 
 
@@ -52,7 +52,7 @@ class SiglipMLP(nn.Module):
         return in_row_blocks(self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class SiglipEncoderLayer(nn.Module):
