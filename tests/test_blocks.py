@@ -11,7 +11,7 @@ from vlmbatch.model import blocks
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 96), (16, 1, 96), (8, 8, 96), (65, 96), (4, 70, 96)])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 96), (16, 1, 96), (8, 8, 96), (65, 96), (4, 70, 96), (0, 1, 96)])
 def test_linear_matches_nn_linear(shape, bias):
     """Few rows take the weight-major product, the rest nn.Linear's; same values, shape and layout."""
     torch.manual_seed(0)

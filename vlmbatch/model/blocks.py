@@ -48,7 +48,7 @@ class Linear(nn.Linear):
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1]).t()
         out = torch.mm(self.weight, rows) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, rows)
-        return out.t().contiguous().view(*x.shape[:-1], -1)
+        return out.t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
