@@ -53,4 +53,3 @@ def test_gelu_tanh_outside_inference_is_torchs_and_differentiable():
     assert torch.equal(y, F.gelu(x, approximate="tanh"))
     y.sum().backward()
     assert x.grad is not None and x.grad.isfinite().all()
-
