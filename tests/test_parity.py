@@ -8,11 +8,13 @@ import torch
 from PIL import Image, ImageOps
 
 from factory import photo_variants
-from vlmbatch.engine import Engine, ImageWork
+from vlmbatch.engine import Engine, EngineStats, ImageWork
 from vlmbatch.generation import GenerationSettings
 from vlmbatch.images import load_image, resize_square
 from vlmbatch.model import blocks
 from vlmbatch.model.loading import load_model, resolve_checkpoint
+from vlmbatch.model.gemma import KVCache
+from vlmbatch.model.paligemma import NextTokens, Prompts
 from vlmbatch.processor import Processor
 
 VARIANTS = ["pg1_tied", "pg1_untied", "pg2"]
@@ -35,12 +37,17 @@ def reference_generate(ckpt, images, prompts, **kwargs) -> list[list[int]]:
     return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
 
 
-def engine_generate(model, processor, images, prompts, settings, slots=8, **engine_kw) -> list[list[int]]:
+def engine_run(model, processor, images, prompts, settings, slots=8, **engine_kw) -> tuple[list[list[int]], EngineStats]:
     size = model.cfg.vision.image_size
     work = [ImageWork(resize_square(image, size), [(i, processor.prompt_ids(p))])
             for i, (image, p) in enumerate(zip(images, prompts))]
-    results = {c.key: c.tokens for c in Engine(model, settings, max_slots=slots, **engine_kw).run(work)}
-    return [results[i] for i in range(len(images))]
+    engine = Engine(model, settings, max_slots=slots, **engine_kw)
+    results = {c.key: c.tokens for c in engine.run(work)}
+    return [results[i] for i in range(len(images))], engine.stats
+
+
+def engine_generate(model, processor, images, prompts, settings, slots=8, **engine_kw) -> list[list[int]]:
+    return engine_run(model, processor, images, prompts, settings, slots, **engine_kw)[0]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +127,36 @@ def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, va
     torch.testing.assert_close(got, ref[:, prompt_len - 1: -1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["pg1_untied", "pg2"])
+def test_mixed_step_equals_a_prefill_and_a_decode_step(make_ckpt, images, variant):
+    """A step that prefills a prompt into row 0 while row 1 decodes its next token gives both the
+    logits and the cache contents of the two done separately. Row 0 is in the decode batch without
+    a live sequence: its write goes to the spare column, not over the prompt it receives."""
+    model, processor = ours(make_ckpt(variant))
+    features = model.encode_images(processor.pixel_values(images[:3]))
+    first = processor.collate([processor.prompt_ids(p) for p in ("caption en", "caption es")])
+    cache = model.allocate_cache(2, 300)
+    model.prefill(first.ids, first.lengths, features[:2], cache, torch.arange(2))
+    tokens, cols = torch.tensor([5, 17]), first.lengths.clone()
+    for _ in range(3):  # row 0's sequence runs a few steps, so its next column lies inside the new prompt
+        tokens = model.decode(tokens, cols, cache).argmax(-1)
+        cols += 1
+    new = processor.collate([processor.prompt_ids("answer en what is in the image?")])
+    assert new.lengths[0] > cols[0], "the dead row's stale column must fall inside the new prompt"
+    prompts = Prompts(new.ids, new.lengths, features[2:], torch.tensor([0]))
+    decode = NextTokens(tokens, torch.tensor([cache.spare_col, int(cols[1])]), width=int(cols[1]) + 1)
+
+    separate = KVCache([k.clone() for k in cache.k], [v.clone() for v in cache.v])
+    want_prefill = model.prefill(prompts.ids, prompts.lengths, prompts.image_features, separate, prompts.rows)
+    want_decode = model.decode(decode.tokens, decode.cols, separate, decode.width)
+    got_prefill, got_decode = model.step(cache, prompts, decode)
+
+    torch.testing.assert_close(got_prefill, want_prefill, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_decode[1], want_decode[1], atol=1e-4, rtol=0)
+    for got, want in zip(cache.k + cache.v, separate.k + separate.v):
+        torch.testing.assert_close(got[:, :, : cache.max_len], want[:, :, : cache.max_len], atol=1e-5, rtol=0)
+
+
 def test_mlp_row_blocks_leave_outputs_unchanged(ckpt_pg1_untied, images, monkeypatch):
     """On a CPU the MLPs run over slices of rows (`model.blocks`); vision features and prompt logits
     are the same bits as in one piece."""
@@ -162,25 +199,54 @@ def test_continuous_batching_with_fewer_slots_than_requests(ckpt_pg1_untied, ima
     assert engine_generate(model, processor, images, PROMPTS, settings, slots=2) == expected
 
 
-@pytest.mark.parametrize("sync_every", [1, 3])
-def test_static_shape_decode_as_used_on_gpus(make_ckpt, images, sync_every):
+@pytest.mark.parametrize("sync_every, mixed_steps", [(1, False), (3, False), (3, True)])
+def test_static_shape_decode_as_used_on_gpus(make_ckpt, images, sync_every, mixed_steps):
     """All slots and the full cache width every step, finished rows noticed only every few steps:
-    the GPU path's shapes and sync pattern, run here on the CPU."""
+    the GPU path's shapes and sync pattern, run here on the CPU (by default without mixed steps)."""
     ckpt = make_ckpt("pg2", eos_boost=4.0)
     model, processor = ours(ckpt)
     expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=12)
-    got = engine_generate(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=12), slots=3,
-                          static_shapes=True, sync_every=sync_every)
+    got, stats = engine_run(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=12), slots=3,
+                            static_shapes=True, sync_every=sync_every, mixed_steps=mixed_steps)
     assert got == expected
+    assert (stats.mixed_steps > 0) == mixed_steps
 
 
-def test_varied_output_lengths_free_slots_early(make_ckpt, images):
-    """With a boosted <eos> row, outputs end at different steps; still identical to the reference."""
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_varied_output_lengths_free_slots_early(make_ckpt, images, mixed_steps):
+    """With a boosted <eos> row, outputs end at different steps; still identical to the reference,
+    with the running sequence's next token taken inside each later prefill or in a step of its own."""
     ckpt = make_ckpt("pg1_untied", eos_boost=4.0)
     model, processor = ours(ckpt)
     expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=16)
     assert len({len(e) for e in expected}) > 1
-    assert engine_generate(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=16), slots=2) == expected
+    got, stats = engine_run(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=16), slots=2,
+                            mixed_steps=mixed_steps)
+    assert got == expected
+    assert (stats.mixed_steps > 0) == mixed_steps
+
+
+def test_a_reused_slot_keeps_the_prompt_it_receives(make_ckpt, images, monkeypatch):
+    """Slot 0's caption ends after one token while slot 1 keeps decoding; a longer prompt then takes
+    slot 0 in a mixed step, whose decode part still covers rows 0..1. Row 0's stale column lies inside
+    the new prompt, so the step must send row 0's decode write to the spare column: after the run,
+    row 0 holds the keys and values of that prompt exactly as a prefill of it alone writes them."""
+    ckpt = make_ckpt("pg1_untied", eos_boost=4.0)
+    model, processor = ours(ckpt)
+    caches = []
+    allocate = model.allocate_cache
+    monkeypatch.setattr(model, "allocate_cache", lambda *a: caches.append(allocate(*a)) or caches[-1])
+    prompts = ["ocr", "caption en", PROMPTS[1]]  # 259, 260 and 268 tokens
+    got, stats = engine_run(model, processor, [images[4], images[1], images[3]], prompts,
+                            GenerationSettings(max_new_tokens=16), slots=2)
+    assert len(got[0]) == 1 and len(got[1]) == 16 and stats.mixed_steps == 1  # the scenario above
+
+    ids = processor.prompt_ids(prompts[2])
+    alone = allocate(1, len(ids))
+    features = model.encode_images(processor.pixel_values([images[3]]))
+    model.prefill(torch.tensor([ids]), torch.tensor([len(ids)]), features, alone, torch.tensor([0]))
+    for engine_kv, alone_kv in zip(caches[0].k + caches[0].v, alone.k + alone.v):
+        torch.testing.assert_close(engine_kv[0, :, : len(ids)], alone_kv[0, :, : len(ids)], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["pg1_untied", "pg2"])

@@ -3,7 +3,8 @@
 The cache has a fixed number of slots. Requests wait in a bounded window; whenever enough slots are
 free, the oldest waiting request and those closest to it in prompt length are prefilled together into
 the lowest free slots (so padding stays small). Every step decodes one token for all live slots; a
-finished sequence frees its slot at once, so short captions never wait for long ones.
+finished sequence frees its slot at once, so short captions never wait for long ones. On a CPU the
+decode tokens of a step that also prefills go through the same forward pass (`PaliGemma.step`).
 
 Beam search couples beams, so with num_beams > 1 the engine runs length-bucketed static batches
 through `generation.beam_search` instead.
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from vlmbatch.generation import GenerationSettings, TokenSelector, beam_search, finish
-from vlmbatch.model.paligemma import PaliGemma
+from vlmbatch.model.paligemma import NextTokens, PaliGemma, Prompts
 from vlmbatch.processor import Processor
 
 
@@ -51,6 +52,7 @@ class EngineStats:
     requests: int = 0
     prefills: int = 0
     decode_steps: int = 0
+    mixed_steps: int = 0  # decode steps that rode along with a prefill
     generated_tokens: int = 0
     slot_steps: int = 0  # sum over decode steps of rows computed (live or not)
 
@@ -58,7 +60,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model: PaliGemma, settings: GenerationSettings, *, max_slots: int = 32,
                  max_prompt_len: int | None = None, vision_batch: int | None = None, sync_every: int | None = None,
-                 static_shapes: bool | None = None, compile_decode: bool = False):
+                 static_shapes: bool | None = None, mixed_steps: bool | None = None, compile_decode: bool = False):
         self.model = model
         self.settings = settings
         self.device = model.device
@@ -78,6 +80,13 @@ class Engine:
         if compile_decode:
             self.static_shapes = True
             self.decode = torch.compile(model.decode, mode="reduce-overhead", dynamic=False)
+        # Mixed steps: when prompts are prefilled, the running sequences' next tokens go through the
+        # same forward pass, so their rows join the prefill's matrix products instead of paying a
+        # decode step of their own. On a CPU a decode step costs about as much as streaming every
+        # weight from memory once; there it is always worth it. The static-shape (GPU) path keeps
+        # its fixed-shape decode steps, which a CUDA graph can replay.
+        self.mixed_steps = not self.static_shapes if mixed_steps is None else mixed_steps
+        self.admit_at = max(1, max_slots // 4)  # batch prefills a little rather than prefilling one by one
         self.select = TokenSelector(settings, self.device)
         self.stats = EngineStats()
 
@@ -146,53 +155,59 @@ class Engine:
         count = torch.zeros(s, dtype=torch.long, device=dev)  # tokens generated so far
         done = torch.ones(s, dtype=torch.bool, device=dev)
         out = torch.full((s, steps + 1), self.pad, dtype=torch.long, device=dev)  # last column: discard
-        owner: dict[int, Hashable] = {}  # live slot → request key
+        owner: dict[int, Hashable] = {}  # occupied slot → request key (live, or finished and not yet reaped)
         waiting: deque[_Request] = deque()
         more = True
-        admit_at = max(1, s // 4)  # batch prefills a little rather than prefilling one by one
         since_sync = 0
 
         while True:
+            if since_sync >= self.sync_every:  # reap finished sequences, freeing their slots
+                since_sync = 0
+                for i in [i for i in done.nonzero()[:, 0].tolist() if i in owner]:
+                    yield self._completion(owner.pop(i), out[i, : int(count[i])].tolist())
             more = more and self._fill(waiting, requests)
             free = [i for i in range(s) if i not in owner]
-            if waiting and free and (len(free) >= admit_at or not owner or not more):
+            admit = bool(waiting and free and (len(free) >= self.admit_at or not owner or not more))
+            if not owner and not admit:
+                return  # nothing running, nothing waiting, and the input is exhausted
+            prompts = decode = None
+            if admit:
                 group = self._take_bucket(waiting, len(free))
                 rows = torch.tensor(free[: len(group)], device=dev)
                 ids, lengths, features = self._collate(group)
-                logits = self.model.prefill(ids, lengths, features, cache, rows)
-                first = self.select(logits)
+                prompts = Prompts(ids, lengths, features, rows)
+            if owner and (prompts is None or self.mixed_steps):
+                if self.static_shapes:
+                    hi, width = s, None
+                else:  # only rows up to the highest occupied slot, columns up to the longest of them
+                    hi = max(owner) + 1
+                    width = int(col[:hi].masked_fill(done[:hi], 0).max()) + 1
+                live = ~done[:hi]
+                # Rows without a live sequence (free, finished, or being prefilled in this very step)
+                # still compute; their key and value go to the cache's spare column.
+                decode = NextTokens(token[:hi], torch.where(live, col[:hi], cache.spare_col), width)
+            if prompts is None:
+                prefill_logits, decode_logits = None, self.decode(decode.tokens, decode.cols, cache, decode.width)
+            else:
+                prefill_logits, decode_logits = self.model.step(cache, prompts, decode)
+            if decode is not None:
+                nxt = torch.where(live, self.select(decode_logits), self.pad)
+                out[:hi].scatter_(1, torch.where(live, count[:hi], steps)[:, None], nxt[:, None])
+                token[:hi] = nxt
+                col[:hi] += live.long()
+                count[:hi] += live.long()
+                done[:hi] |= live & ((nxt == self.eos) | (count[:hi] >= steps))
+                self.stats.decode_steps += 1
+                self.stats.slot_steps += hi
+                since_sync += 1
+            if prompts is not None:
+                first = self.select(prefill_logits)
                 token[rows], col[rows], count[rows] = first, lengths, 1
                 out[rows, 0] = first
                 done[rows] = (first == self.eos) | (steps == 1)
                 owner.update({int(r): req.key for r, req in zip(rows.tolist(), group)})
-                since_sync = self.sync_every  # look at the new rows before decoding
-            if not owner:
-                if waiting or more:
-                    continue
-                return
-            if since_sync >= self.sync_every:
-                since_sync = 0
-                finished = [i for i in done.nonzero()[:, 0].tolist() if i in owner]
-                for i in finished:
-                    yield self._completion(owner.pop(i), out[i, : int(count[i])].tolist())
-                if finished:
-                    continue  # refill the freed slots before the next decode step
-            if self.static_shapes:
-                hi, width = s, None
-            else:  # only rows up to the highest live slot, columns up to the longest of them
-                hi = max(owner) + 1
-                width = int(col[:hi].max()) + 1
-            live = ~done[:hi]
-            logits = self.decode(token[:hi], col[:hi], cache, width)
-            nxt = torch.where(live, self.select(logits), self.pad)
-            out[:hi].scatter_(1, torch.where(live, count[:hi], steps)[:, None], nxt[:, None])
-            token[:hi] = nxt
-            col[:hi] += live.long()
-            count[:hi] += live.long()
-            done[:hi] |= live & ((nxt == self.eos) | (count[:hi] >= steps))
-            self.stats.decode_steps += 1
-            self.stats.slot_steps += hi
-            since_sync += 1
+                self.stats.mixed_steps += decode is not None
+                since_sync = self.sync_every  # look at the new rows before the next step
 
     def _completion(self, key: Hashable, tokens: list[int]) -> Completion:
         tokens, reason = finish(tokens, self.eos)

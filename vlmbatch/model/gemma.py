@@ -1,13 +1,20 @@
 """Gemma and Gemma 2 decoders with a slot-addressed KV cache.
 
 The cache holds a fixed number of rows ("slots"); each sequence owns one row and stores its token at
-column `position - 1`, so a row is always compact: columns [0, length) are valid. Two kinds of step:
+column `position - 1`, so a row is always compact: columns [0, length) are valid. One extra column at
+the end takes the writes of rows that are in a decode batch but hold no live sequence.
+
+A forward pass (`Step`) runs on a flat list of tokens, made of one or both of two parts:
 
 - prefill: a batch of whole prompts written into columns [0, T) of their rows. A PaliGemma prompt
   (image tokens, <bos>, text, "\n") is entirely prefix, and prefix tokens attend to each other both
   ways, so prefill attention is bidirectional over each row's real tokens; right padding is masked.
-- decode: one new token per row, written at column `length`, attending causally to the row's columns,
-  within the sliding window on Gemma 2's local layers.
+- decode: one new token for each of rows 0..n-1, written at column `length`, attending causally to
+  the row's columns, within the sliding window on Gemma 2's local layers.
+
+Everything but attention works token by token, so a step with both parts multiplies each weight
+matrix once for all its tokens: decode tokens ride along with a prefill instead of paying for a
+pass over the weights of their own.
 
 Positions are 1-indexed, as in the reference implementation.
 """
@@ -26,14 +33,15 @@ from vlmbatch.model.config import TextConfig
 
 @dataclass
 class KVCache:
-    """Per-layer key/value tensors of shape [slots, kv_heads, max_len, head_dim]."""
+    """Per-layer key/value tensors of shape [slots, kv_heads, max_len + 1, head_dim]; the last column
+    (`spare_col`) is written, never read, by decode rows without a live sequence."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
 
     @classmethod
     def allocate(cls, cfg: TextConfig, slots: int, max_len: int, device, dtype) -> "KVCache":
-        shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = (slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)
         make = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]  # noqa: E731
         return cls(k=make(), v=make())
 
@@ -43,7 +51,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[2] - 1
+
+    @property
+    def spare_col(self) -> int:
+        return self.max_len
 
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Row dst[i] becomes a copy of row src[i] (beam search reorders its beams this way)."""
@@ -56,36 +68,64 @@ class KVCache:
 class Step:
     """Where one forward pass reads and writes in the cache.
 
-    rows: cache rows written, [B]. positions: 1-indexed token positions, [B, T]; a token's cache column
-    is its position - 1. masks: boolean attention masks keyed by sliding window (None = global).
-    Prefill attends to its own new tokens (mask [B, 1, 1, T]); decode attends to the cache view
-    rows [0, B) x columns [0, width) (mask [B, 1, 1, width]), so decode batches are always rows 0..B-1.
+    Tokens are flat: first the prefill part, `prompts` rows of `prompt_len` tokens (right-padded), then
+    the decode part, one token for each of cache rows 0..decode_rows-1.
+    rows, cols: each token's cache row and column, [N]; its position is col + 1.
+    masks: boolean attention masks per part, keyed by sliding window (None = global): prefill attends
+    to its own new tokens ([B, 1, 1, T]); decode to the cache view rows [0, n) x columns [0, width)
+    ([n, 1, 1, width]).
+    outputs: which tokens' hidden states the caller needs (None: all). The last layer computes queries,
+    attention and MLP for these tokens only (their keys and values, which others attend to, for all).
     """
 
     rows: torch.Tensor
-    positions: torch.Tensor
-    masks: dict[int | None, torch.Tensor]
-    width: int | None = None  # None: prefill
+    cols: torch.Tensor
+    prompts: int = 0
+    prompt_len: int = 0
+    prompt_masks: dict[int | None, torch.Tensor] | None = None
+    decode_rows: int = 0
+    width: int = 0
+    decode_masks: dict[int | None, torch.Tensor] | None = None
+    outputs: torch.Tensor | None = None
 
     @classmethod
-    def for_prefill(cls, rows: torch.Tensor, lengths: torch.Tensor, width: int, windows) -> "Step":
-        cols = torch.arange(width, device=lengths.device)
-        valid = (cols[None, :] < lengths[:, None])[:, None, None, :]
-        return cls(rows=rows, positions=(cols + 1).expand(len(rows), width), masks={w: valid for w in windows})
+    def build(cls, windows, *, prefill: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+              decode: tuple[torch.Tensor, int] | None = None) -> "Step":
+        """prefill: (rows [B], lengths [B], T), prompts right-padded to T, of which only each one's last
+        real token is wanted out. decode: (cols [n], width), one token for each of rows 0..n-1 at cache
+        column cols[i] < width (or the spare column), every one wanted out."""
+        if prefill is None and decode is None:
+            raise ValueError("a step needs a prefill part, a decode part or both")
+        rows, cols, outputs, fields, offset = [], [], [], {}, 0
+        if prefill is not None:
+            prompt_rows, lengths, t = prefill
+            b, dev = len(prompt_rows), lengths.device
+            col = torch.arange(t, device=dev)
+            valid = (col[None, :] < lengths[:, None])[:, None, None, :]
+            rows.append(prompt_rows.repeat_interleave(t))
+            cols.append(col.repeat(b))
+            outputs.append(torch.arange(b, device=dev) * t + lengths - 1)
+            fields.update(prompts=b, prompt_len=t, prompt_masks={w: valid for w in windows})
+            offset = b * t
+        if decode is not None:
+            decode_cols, width = decode
+            n, dev = len(decode_cols), decode_cols.device
+            k, q = torch.arange(width, device=dev)[None, :], decode_cols[:, None]
+            masks = {}
+            for w in windows:
+                visible = k <= q if w is None else (k <= q) & (k > q - w)
+                masks[w] = visible[:, None, None, :]
+            rows.append(torch.arange(n, device=dev))
+            cols.append(decode_cols)
+            outputs.append(offset + torch.arange(n, device=dev))
+            fields.update(decode_rows=n, width=width, decode_masks=masks)
+        return cls(rows=torch.cat(rows), cols=torch.cat(cols), **fields,
+                   # A decode step alone wants every token out: no selection.
+                   outputs=torch.cat(outputs) if prefill is not None else None)
 
-    @classmethod
-    def for_decode(cls, cols: torch.Tensor, width: int, windows) -> "Step":
-        """One token for each of rows 0..len(cols)-1, at cache column cols[i] < width."""
-        k = torch.arange(width, device=cols.device)[None, :]
-        q = cols[:, None]
-        masks = {}
-        for w in windows:
-            visible = k <= q
-            if w is not None:
-                visible = visible & (k > q - w)
-            masks[w] = visible[:, None, None, :]
-        rows = torch.arange(len(cols), device=cols.device)
-        return cls(rows=rows, positions=(cols + 1)[:, None], masks=masks, width=width)
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prompts * self.prompt_len
 
 
 class RMSNorm(nn.Module):
@@ -112,7 +152,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2], float32 like the reference
+        """cos and sin for tokens at `positions` [N], shaped [N, 1, head_dim] to broadcast over heads."""
+        freqs = positions.float()[:, None] * self.inv_freq  # float32 like the reference
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -134,36 +175,37 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, step: Step,
-                query_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Every token's key and value go to the cache; queries are those of all tokens, or with
-        `query_index` [B] only that one token per row (then the output is [B, 1, hidden])."""
-        b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        k = apply_rope(k, *rope)
-        if query_index is not None:
-            batch = torch.arange(b, device=x.device)
-            x = x[batch, query_index][:, None]
-            rope = tuple(r[batch, :, query_index][:, :, None] for r in rope)
-        q = self.q_proj(x).view(b, x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, *rope)
+    def forward(self, x: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, step: Step,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the step's tokens [N, hidden]. Every token's key and value go to the cache; queries (and
+        the output) are those of all tokens, or of the tokens `select`ed."""
+        n_tok, heads, kv, d = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        k = apply_rope(self.k_proj(x).view(n_tok, kv, d), *rope)
+        v = self.v_proj(x).view(n_tok, kv, d)
+        k_cache[step.rows, :, step.cols] = k
+        v_cache[step.rows, :, step.cols] = v
+        if select is not None:
+            x, rope = x[select], tuple(r[select] for r in rope)
+        q = apply_rope(self.q_proj(x).view(x.shape[0], heads, d), *rope)
 
-        cols = step.positions - 1  # [B, T]
-        rows = step.rows[:, None].expand_as(cols)
-        k_cache[rows, :, cols] = k.transpose(1, 2)
-        v_cache[rows, :, cols] = v.transpose(1, 2)
-        mask = step.masks[self.window]
-        if step.width is None:
-            out = self._attend(q, k, v, mask)
-        else:
-            # Decode: attend over the rows' cached tokens (a view, no copy). With one query per head,
-            # the heads that share a key/value head become that head's query rows, so each cached
-            # key is read once rather than once per head (2.5x faster attention on a CPU).
-            n = len(step.rows)
-            k, v = k_cache[:n, :, : step.width], v_cache[:n, :, : step.width]
-            out = self._attend(q.reshape(b, self.n_kv, -1, self.head_dim), k, v, mask).view(q.shape)
-        return self.o_proj(out.transpose(1, 2).reshape(b, q.shape[2], -1))
+        out = q.new_empty(q.shape[0], heads * d)
+        if step.prompts:
+            # Each prompt over its own keys and values (fresh, not read back from the cache).
+            b, t = step.prompts, step.prompt_len
+            tq = (q.shape[0] - step.decode_rows) // b  # t, or 1 when only the last token is wanted
+            qp = q[: b * tq].view(b, tq, heads, d).transpose(1, 2)
+            kp, vp = (z[: step.prefill_tokens].view(b, t, kv, d).transpose(1, 2) for z in (k, v))
+            attended = self._attend(qp, kp, vp, step.prompt_masks[self.window])
+            out[: b * tq].view(b, tq, heads, d).copy_(attended.transpose(1, 2))
+        if step.decode_rows:
+            # Over the rows' cached tokens (a view, no copy). With one query per head, the heads that
+            # share a key/value head become that head's query rows, so each cached key is read once
+            # rather than once per head (2.5x faster attention on a CPU).
+            n, groups = step.decode_rows, heads // kv
+            qd = q[-n:].view(n, kv, groups, d)
+            kd, vd = k_cache[:n, :, : step.width], v_cache[:n, :, : step.width]
+            out[-n:].view(n, kv, groups, d).copy_(self._attend(qd, kd, vd, step.decode_masks[self.window]))
+        return self.o_proj(out)
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
         """Queries [B, H, T, D] over keys and values [B, KV, S, D], H a multiple of KV."""
@@ -206,10 +248,10 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, k_cache, v_cache, step: Step, query_index: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, k_cache, v_cache, step, query_index)
-        if query_index is not None:
-            x = x[torch.arange(len(x), device=x.device), query_index][:, None]
+    def forward(self, x, rope, k_cache, v_cache, step: Step, select: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, k_cache, v_cache, step, select)
+        if select is not None:
+            x = x[select]
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -234,15 +276,15 @@ class GemmaDecoder(nn.Module):
         scale = torch.tensor(self.cfg.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype)
         return self.embed_tokens(ids) * scale
 
-    def forward(self, x: torch.Tensor, cache: KVCache, step: Step, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [B, T, hidden]; with `last` [B], only token last[i] of each row, [B, 1, hidden].
+    def forward(self, x: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        """The step's tokens [N, hidden] → hidden states of its `outputs` tokens (all N when None).
 
-        The last layer's output is needed only where logits are taken, so with `last` that layer
-        computes its queries, attention output and MLP for one token per row (its keys and values,
-        which later tokens attend to, still for all): a prompt of 258 tokens skips most of one layer.
+        Only the last layer's output is read out, so that layer computes its queries, attention output
+        and MLP for the output tokens only (its keys and values, which later tokens attend to, still for
+        all): a prompt of 258 tokens skips most of one layer.
         """
-        rope = self.rotary(step.positions, x.dtype)
+        rope = self.rotary(step.cols + 1, x.dtype)
         final = len(self.layers) - 1
         for i, (layer, k_cache, v_cache) in enumerate(zip(self.layers, cache.k, cache.v)):
-            x = layer(x, rope, k_cache, v_cache, step, last if i == final else None)
+            x = layer(x, rope, k_cache, v_cache, step, step.outputs if i == final else None)
         return self.norm(x)

@@ -6,6 +6,8 @@ the prefix (bidirectional attention), generated tokens the suffix (causal), see 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -13,6 +15,27 @@ from vlmbatch.model.blocks import Linear
 from vlmbatch.model.config import PaliGemmaConfig
 from vlmbatch.model.gemma import GemmaDecoder, KVCache, Step
 from vlmbatch.model.siglip import SiglipVisionTower
+
+
+@dataclass
+class Prompts:
+    """Prompts to prefill: right-padded ids [B, T], their lengths [B], image features [B, N, hidden],
+    and the cache rows they go to [B]."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    image_features: torch.Tensor
+    rows: torch.Tensor
+
+
+@dataclass
+class NextTokens:
+    """One token for each of cache rows 0..n-1: tokens [n] at cache columns cols [n]; attention reads
+    columns [0, width) (default: the whole cache)."""
+
+    tokens: torch.Tensor
+    cols: torch.Tensor
+    width: int | None = None
 
 
 class PaliGemma(nn.Module):
@@ -53,17 +76,32 @@ class PaliGemma(nn.Module):
                 cache: KVCache, rows: torch.Tensor) -> torch.Tensor:
         """Write right-padded prompts `ids` [B, T] into cache `rows`; return float32 logits [B, V]
         of each prompt's last real token."""
-        step = Step.for_prefill(rows, lengths, ids.shape[1], self.text.windows)
-        hidden = self.text(self.embed_prompt(ids, image_features), cache, step, last=lengths - 1)
-        return self.logits(hidden[:, 0])
+        return self.step(cache, prompts=Prompts(ids, lengths, image_features, rows))[0]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cols: torch.Tensor, cache: KVCache, width: int | None = None) -> torch.Tensor:
         """Append tokens[i] to cache row i at column cols[i]; return float32 logits [B, V].
         `width` bounds the columns attended to (at least max(cols) + 1; default the whole cache)."""
-        step = Step.for_decode(cols, width or cache.max_len, self.text.windows)
-        hidden = self.text(self.text.embed(tokens[:, None]), cache, step)
-        return self.logits(hidden[:, 0])
+        return self.step(cache, decode=NextTokens(tokens, cols, width))[1]
+
+    @torch.inference_mode()
+    def step(self, cache: KVCache, prompts: Prompts | None = None,
+             decode: NextTokens | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One forward pass over new prompts, the next tokens of rows 0..n-1, or both at once (see
+        `gemma.Step`); float32 logits of each prompt's last real token [B, V] and of each next token
+        [n, V], None for a part not given."""
+        step = Step.build(
+            self.text.windows,
+            prefill=None if prompts is None else (prompts.rows, prompts.lengths, prompts.ids.shape[1]),
+            decode=None if decode is None else (decode.cols, decode.width or cache.max_len))
+        parts = []
+        if prompts is not None:
+            parts.append(self.embed_prompt(prompts.ids, prompts.image_features).flatten(0, 1))
+        if decode is not None:
+            parts.append(self.text.embed(decode.tokens))
+        logits = self.logits(self.text(torch.cat(parts) if len(parts) > 1 else parts[0], cache, step))
+        b = step.prompts
+        return (logits[:b] if prompts is not None else None), (logits[b:] if decode is not None else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
