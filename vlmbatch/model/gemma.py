@@ -68,7 +68,7 @@ class KVCache:
 class Step:
     """Where one forward pass reads and writes in the cache.
 
-    Tokens are flat: first the prefill part, `prompts` rows of `prompt_len` tokens (right-padded), then
+    Tokens are flat: first the prefill part, `prompt_rows` prompts of `prompt_len` tokens (right-padded), then
     the decode part, one token for each of cache rows 0..decode_rows-1.
     rows, cols: each token's cache row and column, [N]; its position is col + 1.
     masks: boolean attention masks per part, keyed by sliding window (None = global): prefill attends
@@ -80,7 +80,7 @@ class Step:
 
     rows: torch.Tensor
     cols: torch.Tensor
-    prompts: int = 0
+    prompt_rows: int = 0
     prompt_len: int = 0
     prompt_masks: dict[int | None, torch.Tensor] | None = None
     decode_rows: int = 0
@@ -105,7 +105,7 @@ class Step:
             rows.append(prompt_rows.repeat_interleave(t))
             cols.append(col.repeat(b))
             outputs.append(torch.arange(b, device=dev) * t + lengths - 1)
-            fields.update(prompts=b, prompt_len=t, prompt_masks={w: valid for w in windows})
+            fields.update(prompt_rows=b, prompt_len=t, prompt_masks={w: valid for w in windows})
             offset = b * t
         if decode is not None:
             decode_cols, width = decode
@@ -125,7 +125,7 @@ class Step:
 
     @property
     def prefill_tokens(self) -> int:
-        return self.prompts * self.prompt_len
+        return self.prompt_rows * self.prompt_len
 
 
 class RMSNorm(nn.Module):
@@ -189,9 +189,9 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(x.shape[0], heads, d), *rope)
 
         out = q.new_empty(q.shape[0], heads * d)
-        if step.prompts:
+        if step.prompt_rows:
             # Each prompt over its own keys and values (fresh, not read back from the cache).
-            b, t = step.prompts, step.prompt_len
+            b, t = step.prompt_rows, step.prompt_len
             tq = (q.shape[0] - step.decode_rows) // b  # t, or 1 when only the last token is wanted
             qp = q[: b * tq].view(b, tq, heads, d).transpose(1, 2)
             kp, vp = (z[: step.prefill_tokens].view(b, t, kv, d).transpose(1, 2) for z in (k, v))

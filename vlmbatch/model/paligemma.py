@@ -100,7 +100,7 @@ class PaliGemma(nn.Module):
         if decode is not None:
             parts.append(self.text.embed(decode.tokens))
         logits = self.logits(self.text(torch.cat(parts) if len(parts) > 1 else parts[0], cache, step))
-        b = step.prompts
+        b = step.prompt_rows
         return (logits[:b] if prompts is not None else None), (logits[b:] if decode is not None else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
