@@ -57,6 +57,7 @@ import gc
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -167,8 +168,14 @@ class Runner:
     log: list[dict] = field(default_factory=list)
 
     def _next(self, stem: str) -> Path:
+        """A fresh output path. A kept --workdir may hold this name from an earlier invocation; vlmbatch
+        would resume it (nothing to do) and be timed as if it had captioned everything."""
         self.runs += 1
-        return self.work / f"{self.runs:02d}-{stem}"
+        out = self.work / f"{self.runs:02d}-{stem}"
+        shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+        for stale in (out, out.with_name(out.name + ".lock")):
+            stale.unlink(missing_ok=True)
+        return out
 
     def vlmbatch(self, batch_size: int, out: Path | None = None) -> tuple[Measured, Path, dict]:
         out = out or self._next(f"vlmbatch-b{batch_size}.parquet")

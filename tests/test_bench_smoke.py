@@ -58,3 +58,21 @@ def test_memory_benchmark_samples_rss_against_progress(tmp_path):
     assert seen and all(mark["tree_rss_mb"] >= mark["main_rss_mb"] > 0 for mark in seen)
     assert r["slope_tree_mb_per_10k_images"] is None or isinstance(r["slope_tree_mb_per_10k_images"], float)
     assert r["samples"] and all(len(s) == 4 for s in r["samples"])
+
+
+def test_throughput_runner_never_resumes_an_earlier_invocations_output(tmp_path, monkeypatch):
+    # With a kept --workdir, run N of a second invocation has the same output name as run N of the
+    # first; vlmbatch would resume that finished file and be timed doing nothing.
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    import bench_throughput
+
+    runner = bench_throughput.Runner(bench_throughput.TINY, tmp_path, tmp_path / "images", tmp_path / "ckpt",
+                                     max_new_tokens=4, hf_batch_size=2, workers=None, interval=0.1)
+    stale = tmp_path / "01-vlmbatch-b4.parquet"
+    parts = stale.with_name(stale.name + ".parts")
+    parts.mkdir()
+    (parts / "part-000000.parquet").write_bytes(b"rows")
+    for path in (stale, stale.with_name(stale.name + ".lock")):
+        path.write_bytes(b"rows")
+    assert runner._next("vlmbatch-b4.parquet") == stale
+    assert sorted(tmp_path.iterdir()) == []
