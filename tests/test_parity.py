@@ -226,6 +226,27 @@ def test_varied_output_lengths_free_slots_early(make_ckpt, images, mixed_steps):
     assert (stats.mixed_steps > 0) == mixed_steps
 
 
+def test_prefills_stay_batched_once_the_input_is_exhausted(make_ckpt, images, monkeypatch):
+    """Ten requests fit the waiting window at once, so the input is exhausted before the first step.
+    The engine still waits for `admit_at` free slots (or for every waiting request, if fewer wait)
+    before it prefills, rather than prefilling each request alone as its slot frees; tokens unchanged."""
+    ckpt = make_ckpt("pg1_untied", eos_boost=4.0)
+    model, processor = ours(ckpt)
+    prompts = PROMPTS + PROMPTS[::-1]
+    pictures = images + images
+    expected = reference_generate(ckpt, pictures, prompts, max_new_tokens=16)
+    assert len({len(e) for e in expected}) > 2  # slots free at different steps
+    groups = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda cache, prompts=None, decode=None: (
+        groups.append(len(prompts.rows)) if prompts is not None else None) or step(cache, prompts, decode))
+    got, stats = engine_run(model, processor, pictures, prompts, GenerationSettings(max_new_tokens=16), slots=4,
+                            admit_at=2)
+    assert got == expected
+    assert groups[0] == 4 and sum(groups) == 10
+    assert all(size >= min(2, 10 - sum(groups[:i])) for i, size in enumerate(groups)), groups
+
+
 def test_a_reused_slot_keeps_the_prompt_it_receives(make_ckpt, images, monkeypatch):
     """Slot 0's caption ends after one token while slot 1 keeps decoding; a longer prompt then takes
     slot 0 in a mixed step, whose decode part still covers rows 0..1. Row 0's stale column lies inside

@@ -60,7 +60,8 @@ class EngineStats:
 class Engine:
     def __init__(self, model: PaliGemma, settings: GenerationSettings, *, max_slots: int = 32,
                  max_prompt_len: int | None = None, vision_batch: int | None = None, sync_every: int | None = None,
-                 static_shapes: bool | None = None, mixed_steps: bool | None = None, compile_decode: bool = False):
+                 static_shapes: bool | None = None, mixed_steps: bool | None = None, compile_decode: bool = False,
+                 admit_at: int | None = None):
         self.model = model
         self.settings = settings
         self.device = model.device
@@ -86,7 +87,9 @@ class Engine:
         # weight from memory once; there it is always worth it. The static-shape (GPU) path keeps
         # its fixed-shape decode steps, which a CUDA graph can replay.
         self.mixed_steps = not self.static_shapes if mixed_steps is None else mixed_steps
-        self.admit_at = max(1, max_slots // 4)  # batch prefills a little rather than prefilling one by one
+        # Prefill once this many slots are free (or all that wait, if fewer do): a prefill of one prompt
+        # multiplies the weights by ~260 rows, too few for the matrix units to run at full speed.
+        self.admit_at = admit_at or max(1, max_slots // 4)
         self.select = TokenSelector(settings, self.device)
         self.stats = EngineStats()
 
@@ -167,7 +170,9 @@ class Engine:
                     yield self._completion(owner.pop(i), out[i, : int(count[i])].tolist())
             more = more and self._fill(waiting, requests)
             free = [i for i in range(s) if i not in owner]
-            admit = bool(waiting and free and (len(free) >= self.admit_at or not owner or not more))
+            # Once the input is exhausted nothing new arrives, so wait for as many free slots as there
+            # are waiting requests, up to admit_at, rather than prefilling each one alone as a slot frees.
+            admit = bool(waiting and free and (len(free) >= min(self.admit_at, len(waiting)) or not owner))
             if not owner and not admit:
                 return  # nothing running, nothing waiting, and the input is exhausted
             prompts = decode = None
