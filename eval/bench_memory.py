@@ -179,13 +179,19 @@ def machine_info() -> dict:
     """CPU model, cores, library versions, accelerator: what a reader needs to judge the figures."""
     import torch
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
+    fields = {}
+    try:  # the first processor's lines; a VM may name its CPU only "AMD EPYC": family and model tell more
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+    flags = set(fields.get("flags", "").split())
+    info = {"cpu": fields.get("model name", "unknown"), "cpu_family": fields.get("cpu family"),
+            "cpu_model": fields.get("model"),
+            "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),

@@ -164,6 +164,7 @@ class Runner:
     hf_batch_size: int
     workers: int | None
     interval: float
+    cpu_matmul: str | None = None
     runs: int = 0
     log: list[dict] = field(default_factory=list)
 
@@ -184,6 +185,8 @@ class Runner:
                 "--device", self.workload.device, "--dtype", self.workload.dtype, "--quiet"]
         if self.workers is not None:
             args += ["--workers", str(self.workers)]
+        if self.cpu_matmul is not None:
+            args += ["--cpu-matmul", self.cpu_matmul]
         cuda_stats = out.with_suffix(".cuda.json")
         if self.workload.device == "cuda":
             command = [sys.executable, "-c", VLMBATCH_CUDA_WRAPPER, *args]
@@ -272,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="vlmbatch --batch-size (default: the workload's)")
     p.add_argument("--hf-batch-size", type=int, default=8, help="the transformers script's batch size")
     p.add_argument("--workers", type=int, default=None, help="vlmbatch --workers (default: its own)")
+    p.add_argument("--cpu-matmul", choices=["auto", "onednn", "torch"], default=None,
+                   help="vlmbatch --cpu-matmul (default: its own, auto)")
     p.add_argument("--sweep", nargs="?", const="default", default=None, metavar="SIZES",
                    help="also time vlmbatch at these comma-separated --batch-size values "
                         f"(default: {SWEEPS['cpu']} on CPU, {SWEEPS['gpu']} with --gpu)")
@@ -294,6 +299,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("--gpu needs a CUDA device")
     images = args.images or workload.images
     machine = machine_info()
+    if workload.device == "cpu":
+        from vlmbatch.model.blocks import onednn_available, onednn_speedup
+
+        # What `--cpu-matmul auto` weighs: MKL's time over oneDNN's for one small product, here.
+        machine["onednn_speedup_probe"] = round(onednn_speedup(repeats=9), 2) if onednn_available() else None
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -305,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"lm_head {params['lm_head'] / 1e6:.1f}M); {images} JPEGs; "
               f"built in {time.perf_counter() - began:.0f} s", flush=True)
         runner = Runner(workload, work, folder, work / "checkpoint", args.max_new_tokens, args.hf_batch_size,
-                        args.workers, args.interval)
+                        args.workers, args.interval, args.cpu_matmul)
         result = {
             "benchmark": "throughput",
             "workload": {"name": workload.name, "description": workload.description, "images": images,
@@ -314,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "transformers_batch_size": args.hf_batch_size, "device": workload.device,
                          "dtype": workload.dtype, "eos_boost": args.eos_boost, "parameters": params,
                          "model": workload.model, "variant": workload.variant, "image_size": workload.image_size,
-                         "vocab_size": workload.vocab_size or "tokenizer", "repeats": args.repeats},
+                         "vocab_size": workload.vocab_size or "tokenizer", "repeats": args.repeats,
+                         "vlmbatch_cpu_matmul": args.cpu_matmul or "auto"},
             "machine": machine,
             **side_by_side(runner, images, args.batch_size or workload.batch_size, args.repeats),
         }
@@ -395,6 +406,9 @@ def report(r: dict) -> None:
     print(f"   machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gb']} GB, "
           f"{m['device']}, torch {m['torch']}, transformers {m.get('transformers')}; "
           f"load average {m['load_average'][0]:.2f} before, {m['load_average_after'][0]:.2f} after")
+    if m.get("onednn_speedup_probe") is not None:
+        print(f"   CPU family {m.get('cpu_family')} model {m.get('cpu_model')}, {', '.join(m.get('isa', []))}; "
+              f"oneDNN {m['onednn_speedup_probe']:.2f}x MKL on the probe; vlmbatch --cpu-matmul {w['vlmbatch_cpu_matmul']}")
     rows = [("whole process, images/s", v["images_per_second"], t["images_per_second"], r["speedup_whole_process"]),
             ("whole process, seconds", v["seconds"], t["seconds"], None),
             ("in its loop, images/s", v["loop_images_per_second"], t["loop_images_per_second"], r["speedup_in_loop"]),

@@ -53,3 +53,76 @@ def test_gelu_tanh_outside_inference_is_torchs_and_differentiable():
     assert torch.equal(y, F.gelu(x, approximate="tanh"))
     y.sum().backward()
     assert x.grad is not None and x.grad.isfinite().all()
+
+
+# -- oneDNN ---------------------------------------------------------------------------------------
+def test_the_pinned_torch_build_has_onednn():
+    assert blocks.onednn_available()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 96), (3, 1, 96), (16, 96), (4, 70, 96), (1100, 96), (0, 1, 96)])
+def test_packed_linear_matches_nn_linear(shape, bias):
+    """A weight packed for oneDNN gives nn.Linear's values to float32 rounding, in nn.Linear's shape."""
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 200, bias=bias)
+    packed = blocks.Linear(96, 200, bias=bias)
+    packed.load_state_dict(plain.state_dict())
+    packed.pack()
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        want, got = plain(x), packed(x)
+        strided = packed(torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2])  # a non-contiguous input
+    assert got.shape == want.shape == strided.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_releases_the_plain_weight_and_unpacking_restores_it():
+    torch.manual_seed(0)
+    linear = blocks.Linear(64, 32)
+    weight = linear.weight.detach().clone()
+    linear.pack()
+    assert linear.weight.is_meta and linear.weight.shape == (32, 64)  # no second copy in memory
+    linear.unpack()
+    assert linear.packed is None and torch.equal(linear.weight, weight)
+    kept = blocks.Linear(64, 32)
+    kept.pack(keep_weight=True)
+    assert not kept.weight.is_meta and kept.packed is not None
+
+
+@pytest.mark.parametrize("variant", ["pg1_tied", "pg1_untied"])
+def test_a_model_loaded_for_onednn_packs_every_linear_and_keeps_a_tied_head(make_ckpt, variant):
+    from vlmbatch.model.loading import load_model, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(str(make_ckpt(variant).path))
+    model = load_model(checkpoint, cpu_matmul="onednn")
+    linears = [m for m in model.modules() if isinstance(m, blocks.Linear)]
+    cfg = model.cfg
+    assert len(linears) == 6 * cfg.vision.num_hidden_layers + 1 + 7 * cfg.text.num_hidden_layers + 1  # and the head
+    assert all(m.packed is not None for m in linears)
+    tied = variant == "pg1_tied"
+    assert (model.lm_head.weight is model.text.embed_tokens.weight) == tied
+    assert model.lm_head.weight.is_meta != tied
+    assert all(m.weight.is_meta for m in linears if m is not model.lm_head)
+    assert model.device.type == "cpu" and model.dtype == torch.float32
+    assert all(m.packed is None for m in load_model(checkpoint).modules() if isinstance(m, blocks.Linear))
+
+
+def test_choose_cpu_matmul(monkeypatch):
+    assert blocks.choose_cpu_matmul("torch") == "torch"
+    assert blocks.choose_cpu_matmul("onednn") == "onednn"
+    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 2.3)  # as on an AVX-512 AMD processor
+    assert blocks.choose_cpu_matmul("auto") == "onednn"
+    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 1.05)  # as fast as MKL: keep torch's
+    assert blocks.choose_cpu_matmul("auto") == "torch"
+    monkeypatch.setattr(blocks, "onednn_available", lambda: False)
+    assert blocks.choose_cpu_matmul("auto") == "torch"
+    with pytest.raises(ValueError, match="no oneDNN"):
+        blocks.choose_cpu_matmul("onednn")
+    with pytest.raises(ValueError, match="unknown CPU matmul 'mkl'"):
+        blocks.choose_cpu_matmul("mkl")
+
+
+def test_onednn_speedup_is_a_measured_ratio():
+    ratio = blocks.onednn_speedup(rows=32, d_in=64, d_out=128, repeats=3)
+    assert 0.05 < ratio < 20

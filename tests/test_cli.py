@@ -61,10 +61,12 @@ def rows(path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def direct_captions(ckpt, refs: dict[str, Path | bytes], prompt="caption en", max_new_tokens=8) -> dict[str, str]:
+def direct_captions(ckpt, refs: dict[str, Path | bytes], prompt="caption en", max_new_tokens=8,
+                    cpu_matmul="torch") -> dict[str, str]:
     """What the engine gives for the same images, without the pipeline."""
     checkpoint = resolve_checkpoint(str(ckpt))
-    model, processor = load_model(checkpoint), Processor.from_dir(checkpoint.path, checkpoint.config)
+    model = load_model(checkpoint, cpu_matmul=cpu_matmul)
+    processor = Processor.from_dir(checkpoint.path, checkpoint.config)
     size = checkpoint.config.vision.image_size
     work = [ImageWork(load_resized(ref, size), [(key, processor.prompt_ids(prompt))]) for key, ref in refs.items()]
     engine = Engine(model, GenerationSettings(max_new_tokens=max_new_tokens), max_slots=4)
@@ -89,6 +91,26 @@ def test_folder_captions_equal_the_engine_and_carry_metadata(folder, tmp_path, c
     assert settings["model"] == str(ckpt) and settings["prompt"] == "caption en"
     assert settings["generation"]["max_new_tokens"] == 8
     assert meta[b"vlmbatch.model_fingerprint"] and meta[b"vlmbatch.version"]
+
+
+@pytest.mark.parametrize("cpu_matmul", ["torch", "onednn"])
+def test_cpu_matmul_flag_picks_the_library_and_the_captions_stay(folder, tmp_path, ckpt, cpu_matmul):
+    out = tmp_path / "caps.parquet"
+    result = invoke("caption", folder, "--out", out, "--model", ckpt, "--max-new-tokens", 8, "--workers", 0,
+                    "--cpu-matmul", cpu_matmul)
+    assert ("oneDNN matmuls" in result.output) == (cpu_matmul == "onednn")
+    table = rows(out)
+    assert {r["id"]: r["caption"] for r in table} == direct_captions(ckpt, {r["id"]: folder / r["id"] for r in table},
+                                                                     cpu_matmul=cpu_matmul)
+    assert "cpu_matmul" not in json.loads(pq.read_metadata(out).metadata[b"vlmbatch.settings"])  # resumable either way
+
+
+def test_cpu_matmul_applies_to_float32_on_a_cpu_only():
+    from vlmbatch.pipeline import resolve_cpu_matmul
+
+    assert resolve_cpu_matmul("onednn", torch.device("cpu"), torch.float32) == "onednn"
+    assert resolve_cpu_matmul("onednn", torch.device("cpu"), torch.bfloat16) == "torch"
+    assert resolve_cpu_matmul("onednn", torch.device("cuda"), torch.float32) == "torch"
 
 
 def test_single_image_file(folder, tmp_path, ckpt):
@@ -230,6 +252,8 @@ def test_summary_counts_errors(tmp_path, ckpt):
                         "--image-column", "picture"], "picture"),
     ("unwritable out", ["caption", "{folder}", "--out", "/proc/vlmbatch/o.parquet", "--model", "{ckpt}"], "error"),
     ("vqa without questions", ["vqa", "{folder}", "--out", "{tmp}/o.parquet", "--model", "{ckpt}"], "--questions"),
+    ("unknown cpu matmul", ["caption", "{folder}", "--out", "{tmp}/o.parquet", "--model", "{ckpt}",
+                            "--cpu-matmul", "mkl"], "unknown --cpu-matmul 'mkl' (use auto, onednn, torch)"),
 ])
 def test_fatal_mistakes_are_one_line(case, args, message, folder, tmp_path, ckpt):
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.jpg"}) + "\n")

@@ -21,9 +21,17 @@ VARIANTS = ["pg1_tied", "pg1_untied", "pg2"]
 PROMPTS = ["caption en", "answer en what is in the image?", "detect cat ; dog", "caption es", "ocr"]
 
 
-def ours(ckpt):
+def ours(ckpt, cpu_matmul="torch"):
     checkpoint = resolve_checkpoint(str(ckpt.path))
-    return load_model(checkpoint), Processor.from_dir(checkpoint.path, checkpoint.config)
+    return load_model(checkpoint, cpu_matmul=cpu_matmul), Processor.from_dir(checkpoint.path, checkpoint.config)
+
+
+@pytest.fixture(params=["torch", "onednn"])
+def cpu_matmul(request):
+    """Who multiplies the linear layers (`blocks.choose_cpu_matmul`): which one a run takes depends on
+    the processor, so the tests that compare against the reference run through both, on any machine."""
+    assert request.param == "torch" or blocks.onednn_available(), "the pinned torch CPU build has oneDNN"
+    return request.param
 
 
 def reference_generate(ckpt, images, prompts, **kwargs) -> list[list[int]]:
@@ -102,11 +110,11 @@ def test_decode_keeps_location_tokens(ckpt_pg1_untied):
     # Grouped-query attention, as in PaliGemma 2's decoders (the factory's have one key/value head).
     pytest.param(v, {"num_key_value_heads": 2}, id=f"{v}-kv2") for v in ("pg1_untied", "pg2")
 ])
-def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, variant, overrides):
+def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, variant, overrides, cpu_matmul):
     """Prompt logits, then teacher-forced decode steps through the KV cache, against one full
     forward of the reference with the suffix marked causal (token_type_ids 1)."""
     ckpt = make_ckpt(variant, **overrides)
-    model, processor = ours(ckpt)
+    model, processor = ours(ckpt, cpu_matmul)
     prompts = ["caption en", "caption es"]  # equal lengths: the reference forward needs no padding
     inputs = ckpt.processor()(text=prompts, images=images[:2], return_tensors="pt")
     suffix = torch.tensor([[5, 17, 300, 42], [99, 7, 64, 1000]])
@@ -128,11 +136,11 @@ def test_logits_match_reference_through_prefill_and_decode(make_ckpt, images, va
 
 
 @pytest.mark.parametrize("variant", ["pg1_untied", "pg2"])
-def test_mixed_step_equals_a_prefill_and_a_decode_step(make_ckpt, images, variant):
+def test_mixed_step_equals_a_prefill_and_a_decode_step(make_ckpt, images, variant, cpu_matmul):
     """A step that prefills a prompt into row 0 while row 1 decodes its next token gives both the
     logits and the cache contents of the two done separately. Row 0 is in the decode batch without
     a live sequence: its write goes to the spare column, not over the prompt it receives."""
-    model, processor = ours(make_ckpt(variant))
+    model, processor = ours(make_ckpt(variant), cpu_matmul)
     features = model.encode_images(processor.pixel_values(images[:3]))
     first = processor.collate([processor.prompt_ids(p) for p in ("caption en", "caption es")])
     cache = model.allocate_cache(2, 300)
@@ -157,10 +165,10 @@ def test_mixed_step_equals_a_prefill_and_a_decode_step(make_ckpt, images, varian
         torch.testing.assert_close(got[:, :, : cache.max_len], want[:, :, : cache.max_len], atol=1e-5, rtol=0)
 
 
-def test_mlp_row_blocks_leave_outputs_unchanged(ckpt_pg1_untied, images, monkeypatch):
+def test_mlp_row_blocks_leave_outputs_unchanged(ckpt_pg1_untied, images, monkeypatch, cpu_matmul):
     """On a CPU the MLPs run over slices of rows (`model.blocks`); vision features and prompt logits
     are the same bits as in one piece."""
-    model, processor = ours(ckpt_pg1_untied)
+    model, processor = ours(ckpt_pg1_untied, cpu_matmul)
     pixels = processor.pixel_values(images)
     batch = processor.collate([processor.prompt_ids(p) for p in PROMPTS])
 
@@ -179,9 +187,9 @@ def test_mlp_row_blocks_leave_outputs_unchanged(ckpt_pg1_untied, images, monkeyp
 
 # -- generation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_tokens_identical_to_reference_for_mixed_prompt_lengths(make_ckpt, images, variant):
+def test_greedy_tokens_identical_to_reference_for_mixed_prompt_lengths(make_ckpt, images, variant, cpu_matmul):
     ckpt = make_ckpt(variant)
-    model, processor = ours(ckpt)
+    model, processor = ours(ckpt, cpu_matmul)
     settings = GenerationSettings(max_new_tokens=12)
     expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=12)
     assert len({tuple(e) for e in expected}) > 1, "the random model should not give one output for all"
@@ -191,9 +199,9 @@ def test_greedy_tokens_identical_to_reference_for_mixed_prompt_lengths(make_ckpt
         assert engine_generate(model, processor, [image], [prompt], settings, slots=1) == [want]
 
 
-def test_continuous_batching_with_fewer_slots_than_requests(ckpt_pg1_untied, images):
+def test_continuous_batching_with_fewer_slots_than_requests(ckpt_pg1_untied, images, cpu_matmul):
     """Two slots for five requests: queued requests enter as slots free up, outputs unchanged."""
-    model, processor = ours(ckpt_pg1_untied)
+    model, processor = ours(ckpt_pg1_untied, cpu_matmul)
     expected = reference_generate(ckpt_pg1_untied, images, PROMPTS, max_new_tokens=10)
     settings = GenerationSettings(max_new_tokens=10)
     assert engine_generate(model, processor, images, PROMPTS, settings, slots=2) == expected
@@ -213,11 +221,11 @@ def test_static_shape_decode_as_used_on_gpus(make_ckpt, images, sync_every, mixe
 
 
 @pytest.mark.parametrize("mixed_steps", [True, False])
-def test_varied_output_lengths_free_slots_early(make_ckpt, images, mixed_steps):
+def test_varied_output_lengths_free_slots_early(make_ckpt, images, mixed_steps, cpu_matmul):
     """With a boosted <eos> row, outputs end at different steps; still identical to the reference,
     with the running sequence's next token taken inside each later prefill or in a step of its own."""
     ckpt = make_ckpt("pg1_untied", eos_boost=4.0)
-    model, processor = ours(ckpt)
+    model, processor = ours(ckpt, cpu_matmul)
     expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=16)
     assert len({len(e) for e in expected}) > 1
     got, stats = engine_run(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=16), slots=2,
@@ -271,19 +279,19 @@ def test_a_reused_slot_keeps_the_prompt_it_receives(make_ckpt, images, monkeypat
 
 
 @pytest.mark.parametrize("variant", ["pg1_untied", "pg2"])
-def test_beam_search_identical_to_reference(make_ckpt, images, variant):
+def test_beam_search_identical_to_reference(make_ckpt, images, variant, cpu_matmul):
     ckpt = make_ckpt(variant, eos_boost=3.0)
-    model, processor = ours(ckpt)
+    model, processor = ours(ckpt, cpu_matmul)
     expected = reference_generate(ckpt, images[:4], PROMPTS[:4], max_new_tokens=10, num_beams=2)
     settings = GenerationSettings(max_new_tokens=10, num_beams=2)
     assert engine_generate(model, processor, images[:4], PROMPTS[:4], settings) == expected
     assert engine_generate(model, processor, images[:1], PROMPTS[:1], settings, slots=2) == expected[:1]
 
 
-def test_sliding_window_layers_match_reference(make_ckpt, images):
+def test_sliding_window_layers_match_reference(make_ckpt, images, cpu_matmul):
     """Gemma 2 with a window much shorter than the prompt: prefix stays bidirectional, decode slides."""
     ckpt = make_ckpt("pg2", image_size=56, sliding_window=6)
-    model, processor = ours(ckpt)
+    model, processor = ours(ckpt, cpu_matmul)
     for image, prompt in zip(images[:3], PROMPTS[:3]):  # one at a time: no padding, positions = indices
         expected = reference_generate(ckpt, [image], [prompt], max_new_tokens=12)
         assert engine_generate(model, processor, [image], [prompt], GenerationSettings(max_new_tokens=12)) == [expected[0]]

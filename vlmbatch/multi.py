@@ -34,6 +34,7 @@ class WorkerSpec:
     max_slots: int
     max_prompt_len: int
     cpu_threads: int
+    cpu_matmul: str = "torch"  # resolved by the job: "onednn" or "torch"
 
 
 def run_on_devices(work: Iterator[ImageWork], devices: list[torch.device], spec: WorkerSpec) -> Iterator[Completion]:
@@ -108,7 +109,7 @@ def _worker(index: int, device: str, spec: WorkerSpec, tasks, results) -> None:
     try:
         if device.startswith("cpu"):
             torch.set_num_threads(spec.cpu_threads)
-        model = load_model(spec.checkpoint, device, spec.dtype)
+        model = load_model(spec.checkpoint, device, spec.dtype, spec.cpu_matmul)
         engine = Engine(model, spec.settings, max_slots=spec.max_slots, max_prompt_len=spec.max_prompt_len)
         for completion in engine.run(iter(tasks.get, None)):
             results.put(("completion", completion))

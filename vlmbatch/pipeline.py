@@ -20,6 +20,7 @@ from vlmbatch import __version__
 from vlmbatch.engine import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.generation import GenerationSettings
+from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
 from vlmbatch.model.loading import Checkpoint, default_dtype, load_model, resolve_checkpoint
 from vlmbatch.multi import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.processor import Processor
@@ -67,6 +68,7 @@ class JobSpec:
     device: str = "auto"
     devices: str | None = None  # several devices, one engine process each: "cuda:0,cuda:1" or "all"
     dtype: str | None = None
+    cpu_matmul: str = "auto"  # float32 on a CPU: "onednn", "torch" (MKL) or "auto" (the faster here)
     limit: int | None = None  # at most this many new images this run
     overwrite: bool = False
     workers: int | None = None  # decode processes; 0 decodes in the main process; None: see default_workers
@@ -138,6 +140,19 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_cpu_matmul(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Who multiplies the linear layers: "onednn" or "torch"; decided once per job (workers on several
+    CPUs share the decision). Only a float32 model on a CPU has a choice; elsewhere it is torch's."""
+    if choice not in CPU_MATMULS:
+        raise VlmbatchError(f"unknown --cpu-matmul {choice!r} (use {', '.join(CPU_MATMULS)})")
+    if device.type != "cpu" or dtype != torch.float32:
+        return "torch"
+    try:
+        return choose_cpu_matmul(choice)
+    except ValueError as exc:
+        raise VlmbatchError(str(exc)) from None
+
+
 class Job:
     """Everything resolved up front, so every fatal mistake surfaces before any work starts."""
 
@@ -154,6 +169,7 @@ class Job:
         self.devices = resolve_devices(spec.devices) if spec.devices else [resolve_device(spec.device)]
         self.device = self.devices[0]
         self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.cpu_matmul = resolve_cpu_matmul(spec.cpu_matmul, self.device, self.dtype)
         self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
         self.config = self.checkpoint.config
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
@@ -295,11 +311,11 @@ class Job:
     def _generate(self, work: Iterator[ImageWork]) -> Iterator[Completion]:
         spec = self.spec
         if len(self.devices) == 1:
-            model = load_model(self.checkpoint, self.devices[0], self.dtype)
+            model = load_model(self.checkpoint, self.devices[0], self.dtype, self.cpu_matmul)
             engine = Engine(model, spec.generation, max_slots=spec.batch_size, max_prompt_len=self.max_prompt_len)
             return engine.run(work)
         worker = WorkerSpec(self.checkpoint, self.dtype, spec.generation, spec.batch_size, self.max_prompt_len,
-                            cpu_threads=cpu_threads_per_worker(len(self.devices)))
+                            cpu_threads=cpu_threads_per_worker(len(self.devices)), cpu_matmul=self.cpu_matmul)
         return run_on_devices(work, self.devices, worker)
 
     def _completion_row(self, origin: tuple[str, Question | None, str], completion: Completion) -> dict:

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from vlmbatch.errors import VlmbatchError
+from vlmbatch.model.blocks import choose_cpu_matmul, use_onednn
 from vlmbatch.model.config import PaliGemmaConfig
 from vlmbatch.model.gemma import RotaryEmbedding
 from vlmbatch.model.paligemma import PaliGemma
@@ -153,7 +154,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> PaliGemma:
+def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               cpu_matmul: str = "torch") -> PaliGemma:
+    """The checkpoint's model on `device`, for inference. `cpu_matmul` ("auto", "onednn" or "torch",
+    see `blocks.choose_cpu_matmul`) says who multiplies a float32 model's linear layers on a CPU;
+    with oneDNN their weights are packed for it and the plain copies released (`blocks.use_onednn`)."""
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     cfg = checkpoint.config
@@ -167,6 +172,8 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.text.embed_tokens.weight
     _rebuild_buffers(model, device)
+    if device.type == "cpu" and dtype == torch.float32 and choose_cpu_matmul(cpu_matmul) == "onednn":
+        use_onednn(model)
     return model.eval()
 
 

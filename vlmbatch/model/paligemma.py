@@ -43,19 +43,20 @@ class PaliGemma(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = SiglipVisionTower(cfg.vision)
-        self.projector = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.projector = Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.text = GemmaDecoder(cfg.text)
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.text.embed_tokens.weight
 
+    # The embedding, never packed for oneDNN (blocks.use_onednn), says where the model lives.
     @property
     def device(self) -> torch.device:
-        return self.projector.weight.device
+        return self.text.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.projector.weight.dtype
+        return self.text.embed_tokens.weight.dtype
 
     def allocate_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.cfg.text, slots, max_len, self.device, self.dtype)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmbatch.model.blocks import gelu_tanh, in_row_blocks
+from vlmbatch.model.blocks import Linear, gelu_tanh, in_row_blocks
 from vlmbatch.model.config import VisionConfig
 
 
@@ -29,10 +29,10 @@ class SiglipAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -45,8 +45,8 @@ class SiglipAttention(nn.Module):
 class SiglipMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return in_row_blocks(self._forward, x)
