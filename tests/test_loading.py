@@ -96,3 +96,26 @@ def test_published_config_defaults_are_filled():
     assert gemma.text.sliding_window is None and gemma.text.attn_logit_softcapping is None
     assert {896: 4096, 224: 256}[896] == PaliGemmaConfig.from_dict(
         {"model_type": "paligemma", "vision_config": {"image_size": 896}}).num_image_tokens
+
+
+def test_a_model_packed_for_onednn_keeps_no_mapping_of_the_checkpoint(make_ckpt):
+    """Loaded tensors are views of the memory-mapped file; once the weights are packed for oneDNN the
+    rest are copied, so the file's pages are not kept resident beside the packed copies."""
+    import gc
+    from pathlib import Path
+
+    checkpoint = resolve_checkpoint(str(make_ckpt("pg1_untied", "hub", image_size=28).path))
+    files = [str(f) for f in checkpoint.weight_files()]
+
+    def mapped() -> bool:
+        gc.collect()
+        maps = Path("/proc/self/maps").read_text()
+        return any(f in maps for f in files)
+
+    plain = load_model(checkpoint)
+    assert mapped()  # the check can see a mapping
+    del plain
+    assert not mapped()
+    packed = load_model(checkpoint, cpu_matmul="onednn")
+    assert not mapped()
+    assert packed.text.embed_tokens.weight.is_contiguous()

@@ -174,7 +174,18 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
     _rebuild_buffers(model, device)
     if device.type == "cpu" and dtype == torch.float32 and choose_cpu_matmul(cpu_matmul) == "onednn":
         use_onednn(model)
+        _detach_from_file(model)
     return model.eval()
+
+
+def _detach_from_file(model: PaliGemma) -> None:
+    """On a CPU the loaded tensors are views of the memory-mapped checkpoint, and any one of them keeps
+    the whole mapping, pages already read included. After packing has read every linear weight, the
+    tensors left (embedding, norms, biases) are copied, so the file's pages are not resident beside
+    the packed copies (84 of 98 MB on the benchmark's model)."""
+    for param in model.parameters():
+        if not param.is_meta:
+            param.data = param.data.clone()
 
 
 @contextmanager
