@@ -126,3 +126,22 @@ def test_choose_cpu_matmul(monkeypatch):
 def test_onednn_speedup_is_a_measured_ratio():
     ratio = blocks.onednn_speedup(rows=32, d_in=64, d_out=128, repeats=3)
     assert 0.05 < ratio < 20
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("shape", [(5, 96), (2, 300, 96), (0, 96)])
+def test_fused_gelu_and_gate_products_match_the_separate_ops(shape, packed):
+    """Linear.gelu_tanh and Linear.times, which oneDNN fuses into the product when packed."""
+    torch.manual_seed(0)
+    gate, up = blocks.Linear(96, 200, bias=True), blocks.Linear(96, 200, bias=False)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        g = F.gelu(F.linear(x, gate.weight, gate.bias), approximate="tanh")
+        want_gelu, want_times = g, F.linear(x, up.weight) * g
+        if packed:
+            gate.pack(), up.pack()
+        got_gelu = gate.gelu_tanh(x)
+        got_times = up.times(x, got_gelu)
+    assert got_gelu.shape == want_gelu.shape and got_times.shape == want_times.shape
+    torch.testing.assert_close(got_gelu, want_gelu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_times, want_times, rtol=1e-5, atol=1e-5)

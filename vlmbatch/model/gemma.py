@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmbatch.model.blocks import Linear, gelu_tanh, in_row_blocks
+from vlmbatch.model.blocks import Linear, in_row_blocks
 from vlmbatch.model.config import TextConfig
 
 
@@ -233,7 +233,7 @@ class MLP(nn.Module):
         return in_row_blocks(self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)).mul_(self.up_proj(x)))
+        return self.down_proj(self.up_proj.times(x, self.gate_proj.gelu_tanh(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmbatch.model.blocks import Linear, gelu_tanh, in_row_blocks
+from vlmbatch.model.blocks import Linear, in_row_blocks
 from vlmbatch.model.config import VisionConfig
 
 
@@ -52,7 +52,7 @@ class SiglipMLP(nn.Module):
         return in_row_blocks(self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        return self.fc2(self.fc1.gelu_tanh(x))
 
 
 class SiglipEncoderLayer(nn.Module):
