@@ -5,13 +5,14 @@ runs the plain ops. All were measured on the benchmark's 2-core CPUs (eval/READM
 
 - `Linear` with oneDNN (`use_onednn`): torch multiplies float32 matrices with MKL, which on AMD
   processors does not use AVX-512. oneDNN picks its kernels by instruction set, not vendor: on a
-  2-core AMD EPYC (Zen 5) its products with the weight prepacked in its blocked layout ran at
-  340-410 GFLOP/s against MKL's 130-175, from 1 row to 4,000 (the vision tower and a prefill took
-  half the time). Where MKL is as fast (Intel, AVX2-only AMD) nothing is gained, so `choose_cpu_matmul`
-  times both once on a small product and keeps MKL unless oneDNN is clearly faster. Both accumulate in
-  float32; the results differ from MKL's in the last bits, as two BLAS libraries' do. oneDNN also
-  applies an MLP's GELU, or its gate product, as it writes a product (`Linear.gelu_tanh`,
-  `Linear.times`), sparing a pass over the wide intermediate (~10 % of those products' time).
+  2-core AMD EPYC (Zen 5) its products with the weight prepacked in its blocked layout ran 2.3-3.4x
+  faster than MKL's, from a decode step's 16 rows (296 against 87 GFLOP/s) to a prefill's 4,000
+  (380 against 130-165); the vision tower and a prefill took half the time. Where MKL is as fast
+  (Intel, AVX2-only AMD) nothing is gained, so `choose_cpu_matmul` times both once on a small
+  product and keeps MKL unless oneDNN is clearly faster. Both accumulate in float32; the results
+  differ from MKL's in the last bits, as two BLAS libraries' do. oneDNN also applies an MLP's GELU,
+  or its gate product, as it writes a product (`Linear.gelu_tanh`, `Linear.times`), sparing a pass
+  over the wide intermediate (11-18 % of those products' time).
 - `Linear` without it: a decode step multiplies a few rows (one per live sequence) by each weight
   matrix. MKL is 20-35 % faster at that product taken weight-major, W·xᵀ, than as x·Wᵀ. Each output
   is the same dot product either way; in the shapes tried, the bits were identical for 1 and for
@@ -115,7 +116,7 @@ def choose_cpu_matmul(choice: str = "auto") -> str:
 @torch.inference_mode()
 def onednn_speedup(rows: int = 256, d_in: int = 512, d_out: int = 2048, repeats: int = 5) -> float:
     """MKL's time over oneDNN's for one [rows, d_in] x [d_in, d_out] float32 product (best of
-    `repeats` each, after a warm-up): about 2 on AVX-512 AMD processors, about 1 elsewhere. ~30 ms."""
+    `repeats` each, after a warm-up): 2.4-3.2 on an AVX-512 AMD processor (Zen 5). ~50 ms."""
     x, w = torch.randn(rows, d_in), torch.randn(d_out, d_in)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
 
