@@ -142,13 +142,11 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def resolve_cpu_matmul(choice: str, device: torch.device, dtype: torch.dtype) -> str:
     """Who multiplies the linear layers: "onednn" or "torch"; decided once per job (workers on several
-    CPUs share the decision). Only a float32 model on a CPU has a choice; elsewhere it is torch's."""
-    if choice not in CPU_MATMULS:
+    CPUs share the decision), see `blocks.choose_cpu_matmul`."""
+    if choice not in CPU_MATMULS:  # named as the flag is, whatever the device
         raise VlmbatchError(f"unknown --cpu-matmul {choice!r} (use {', '.join(CPU_MATMULS)})")
-    if device.type != "cpu" or dtype != torch.float32:
-        return "torch"
     try:
-        return choose_cpu_matmul(choice)
+        return choose_cpu_matmul(choice, device, dtype)
     except ValueError as exc:
         raise VlmbatchError(str(exc)) from None
 

@@ -63,7 +63,8 @@ class Linear(nn.Linear):
         """Hand the (float32, CPU) weight to oneDNN in its blocked layout. The plain weight is released
         unless `keep_weight` (a tied head shares it with the embedding): it stays a meta tensor that
         keeps its shape, and any use of it fails loudly. Inference only; `unpack` restores it."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1024)
+        # The layout is chosen for products of CPU_ROW_BLOCK rows (an MLP's slice); it serves any row count.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), CPU_ROW_BLOCK)
         if not keep_weight:
             self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
 
@@ -99,11 +100,15 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def choose_cpu_matmul(choice: str = "auto") -> str:
-    """Which library multiplies a CPU model's float32 linear layers: "onednn" or "torch" (MKL).
+def choose_cpu_matmul(choice: str = "auto", device: torch.device = torch.device("cpu"),
+                      dtype: torch.dtype = torch.float32) -> str:
+    """Which library multiplies the linear layers of a model on `device` in `dtype`: "onednn" or
+    "torch" (MKL on a CPU). Only a float32 model on a CPU has the choice; elsewhere it is torch's.
     "auto" times both on one small product and takes oneDNN if it is ONEDNN_MIN_SPEEDUP times faster."""
     if choice not in CPU_MATMULS:
         raise ValueError(f"unknown CPU matmul {choice!r} (use {', '.join(CPU_MATMULS)})")
+    if device.type != "cpu" or dtype != torch.float32:
+        return "torch"
     if choice == "torch" or (choice == "auto" and not onednn_available()):
         return "torch"
     if not onednn_available():

@@ -172,7 +172,7 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.text.embed_tokens.weight
     _rebuild_buffers(model, device)
-    if device.type == "cpu" and dtype == torch.float32 and choose_cpu_matmul(cpu_matmul) == "onednn":
+    if choose_cpu_matmul(cpu_matmul, device, dtype) == "onednn":
         use_onednn(model)
         _detach_from_file(model)
     return model.eval()
