@@ -76,3 +76,15 @@ def test_throughput_runner_never_resumes_an_earlier_invocations_output(tmp_path,
         path.write_bytes(b"rows")
     assert runner._next("vlmbatch-b4.parquet") == stale
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_gpu_goals_add_the_images_per_second_floor(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    import bench_throughput
+
+    result = {"speedup_whole_process": 3.4, "identical_share": 0.95, "vlmbatch": {"images_per_second": 120.0}}
+    gpu = bench_throughput.goals(result, bench_throughput.GPU)
+    assert gpu["speedup_whole_process"] == {"goal": 3.0, "measured": 3.4, "met": True}
+    assert gpu["images_per_second"] == {"goal": 150.0, "measured": 120.0, "met": False}
+    cpu = bench_throughput.goals(result, bench_throughput.CPU)
+    assert set(cpu) == {"speedup_whole_process", "identical_share"} and cpu["speedup_whole_process"]["goal"] == 2.0

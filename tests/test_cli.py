@@ -105,6 +105,26 @@ def test_cpu_matmul_flag_picks_the_library_and_the_captions_stay(folder, tmp_pat
     assert "cpu_matmul" not in json.loads(pq.read_metadata(out).metadata[b"vlmbatch.settings"])  # resumable either way
 
 
+@pytest.mark.parametrize("flag, expected", [((), None), (("--no-cuda-graph",), False)])
+def test_cuda_graph_flag_reaches_the_engine(folder, tmp_path, ckpt, monkeypatch, flag, expected):
+    """By default the engine decides (graphs on CUDA for greedy decoding, `engine.graphs_apply`);
+    --no-cuda-graph turns them off whatever the device. Captions stay those of the engine."""
+    import vlmbatch.pipeline
+
+    seen = []
+
+    def recording_engine(*args, **kwargs):
+        seen.append(kwargs["cuda_graph"])
+        return Engine(*args, **kwargs)
+
+    monkeypatch.setattr(vlmbatch.pipeline, "Engine", recording_engine)
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt, *flag)
+    assert seen == [expected]
+    table = rows(out)
+    assert {r["id"]: r["caption"] for r in table} == direct_captions(ckpt, {r["id"]: folder / r["id"] for r in table})
+
+
 def test_cpu_matmul_applies_to_float32_on_a_cpu_only():
     from vlmbatch.pipeline import resolve_cpu_matmul
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageOps
 
 from factory import photo_variants
+from vlmbatch import engine as engine_module
 from vlmbatch.engine import Engine, EngineStats, ImageWork
 from vlmbatch.generation import GenerationSettings
 from vlmbatch.images import load_image, resize_square
@@ -218,6 +219,61 @@ def test_static_shape_decode_as_used_on_gpus(make_ckpt, images, sync_every, mixe
                             static_shapes=True, sync_every=sync_every, mixed_steps=mixed_steps)
     assert got == expected
     assert (stats.mixed_steps > 0) == mixed_steps
+
+
+def graph_stand_in(fn, device):
+    """What `capture_cuda_graph` does, on a CPU: the warm-up run, then a replay that is a trace of `fn`
+    taken once. Dynamo with fullgraph refuses what a CUDA graph cannot hold (a host sync such as
+    .item() or .tolist(), a shape read off the data); error_on_recompile refuses a replay whose Python
+    values (shapes, ints) differ from those traced, which a graph would silently replay stale."""
+    fn()
+    return torch.compile(fn, backend="eager", fullgraph=True, dynamic=False)
+
+
+@pytest.mark.parametrize("variant", ["pg1_untied", "pg2"])
+def test_cuda_graph_decode_replays_one_captured_step(make_ckpt, images, variant, monkeypatch):
+    """The CUDA path's decode: one fixed-shape step captured before the first prefill and replayed
+    for every decode-only step of the run, as slots fill, finish and refill; tokens unchanged."""
+    ckpt = make_ckpt(variant, eos_boost=4.0)
+    model, processor = ours(ckpt)
+    expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=12)
+    assert len({len(e) for e in expected}) > 1
+    captured = []
+    monkeypatch.setattr(engine_module, "capture_cuda_graph", lambda fn, device: captured.append(device) or
+                        graph_stand_in(fn, device))
+    torch._dynamo.reset()  # each run's step is a new closure of the same code: forget earlier traces
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got, stats = engine_run(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=12), slots=3,
+                                cuda_graph=True)
+    assert got == expected
+    assert captured == [model.device]
+    assert stats.mixed_steps == 0 and stats.graph_replays == stats.decode_steps > 0
+
+
+def test_cuda_graph_capture_failure_falls_back_to_the_same_step_eagerly(make_ckpt, images, monkeypatch):
+    ckpt = make_ckpt("pg1_untied", eos_boost=4.0)
+    model, processor = ours(ckpt)
+    expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=8)
+
+    def failing(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine_module, "capture_cuda_graph", failing)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
+        got, stats = engine_run(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=8), slots=3,
+                                cuda_graph=True)
+    assert got == expected
+    assert stats.graph_replays == 0 and stats.decode_steps > 0
+
+
+def test_cuda_graphs_by_default_on_cuda_for_greedy_decoding_only(ckpt_pg1_untied, monkeypatch):
+    model, _ = ours(ckpt_pg1_untied)
+    assert not Engine(model, GenerationSettings()).cuda_graph  # a CPU model
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    greedy = Engine(model, GenerationSettings())
+    assert greedy.cuda_graph and greedy.static_shapes and not greedy.mixed_steps and greedy.sync_every > 1
+    assert not Engine(model, GenerationSettings(num_beams=2)).cuda_graph
+    assert not Engine(model, GenerationSettings(), cuda_graph=False).cuda_graph
 
 
 @pytest.mark.parametrize("mixed_steps", [True, False])

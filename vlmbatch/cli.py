@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vlmbatch import __version__
+from vlmbatch.engine import graphs_apply
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.generation import GenerationSettings
 from vlmbatch.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, Job, JobSpec, Summary
@@ -44,6 +45,8 @@ DevicesOpt = typer.Option(None, "--devices", help="Several devices, one worker e
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
 CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: onednn, torch (MKL), or auto: "
                             "oneDNN where a quick check finds it clearly faster (AVX-512 AMD processors).")
+CudaGraphOpt = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
+                            "each decode step as one captured CUDA graph; --no-cuda-graph runs it op by op.")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
 SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
@@ -78,7 +81,8 @@ def caption(
     prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", help="Prompt given with every image."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
-    dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
+    dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, cuda_graph: bool = CudaGraphOpt,
+    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
@@ -99,7 +103,8 @@ def vqa(
     prompt_template: str = typer.Option(DEFAULT_VQA_TEMPLATE, "--prompt-template", help="Prompt; {question} is replaced."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
-    dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
+    dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, cuda_graph: bool = CudaGraphOpt,
+    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
@@ -163,7 +168,7 @@ def eval_(
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
     devices: Optional[str] = DevicesOpt, dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt,
-    overwrite: bool = OverwriteOpt, workers: Optional[int] = WorkersOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+    cuda_graph: bool = CudaGraphOpt, overwrite: bool = OverwriteOpt, workers: Optional[int] = WorkersOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Score captions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) or VQAv2 answers (official accuracy)."""
     from vlmbatch.evaluate import EvalRequest, render_report, run_eval
@@ -182,8 +187,8 @@ def eval_(
             default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
             spec = JobSpec(task=task, source=data or dataset, out=out_path, model=model, batch_size=batch_size,
                            prompt=prompt or default_prompt, prompt_template=prompt or default_prompt,
-                           device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, overwrite=overwrite, workers=workers,
-                           generation=generation)
+                           device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, cuda_graph=cuda_graph,
+                           overwrite=overwrite, workers=workers, generation=generation)
             source = Source(description=f"{dataset} {split or ''}".strip(), size=None, records=lambda: iter(records))
             _run(Job(spec, source=source, questions=questions), quiet)
             return out_path
@@ -251,6 +256,8 @@ def _run(job: Job, quiet: bool) -> Summary:
     spec = job.spec
     if not quiet:
         matmul = ", oneDNN matmuls" if job.cpu_matmul == "onednn" else ""
+        if spec.cuda_graph and graphs_apply(job.device, spec.generation):
+            matmul = ", CUDA graphs"
         console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "
                       f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')}{matmul})", highlight=False)
     with _progress(job, quiet) as update:

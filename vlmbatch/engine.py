@@ -6,15 +6,20 @@ the lowest free slots (so padding stays small). Every step decodes one token for
 finished sequence frees its slot at once, so short captions never wait for long ones. On a CPU the
 decode tokens of a step that also prefills go through the same forward pass (`PaliGemma.step`).
 
+On CUDA a decode step has fixed shapes (every slot, the whole cache width) and reads and writes only
+tensors that live as long as the run, with no host sync, so it is captured once as a CUDA graph and
+replayed: one launch per generated token for all slots, forward pass and bookkeeping included.
+
 Beam search couples beams, so with num_beams > 1 the engine runs length-bucketed static batches
 through `generation.beam_search` instead.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Iterator, Sequence
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +52,24 @@ class _Request:
 
 
 @dataclass
+class _Slots:
+    """Per-slot decode state, updated in place (a captured CUDA graph holds these very tensors)."""
+
+    token: torch.Tensor  # [S] last token of each slot
+    col: torch.Tensor  # [S] cache column the next token goes to
+    count: torch.Tensor  # [S] tokens generated so far
+    done: torch.Tensor  # [S] no live sequence (free, or finished and not yet reaped)
+    out: torch.Tensor  # [S, steps + 1] generated tokens; the last column takes the writes of dead rows
+
+    @classmethod
+    def allocate(cls, slots: int, steps: int, pad: int, device: torch.device) -> "_Slots":
+        def filled(*shape, value=0, dtype=torch.long):
+            return torch.full(shape, value, dtype=dtype, device=device)
+        return cls(token=filled(slots, value=pad), col=filled(slots), count=filled(slots),
+                   done=filled(slots, value=True, dtype=torch.bool), out=filled(slots, steps + 1, value=pad))
+
+
+@dataclass
 class EngineStats:
     images: int = 0
     requests: int = 0
@@ -55,12 +78,34 @@ class EngineStats:
     mixed_steps: int = 0  # decode steps that rode along with a prefill
     generated_tokens: int = 0
     slot_steps: int = 0  # sum over decode steps of rows computed (live or not)
+    graph_replays: int = 0  # decode steps replayed from a captured CUDA graph
+
+
+def graphs_apply(device: torch.device, settings: GenerationSettings) -> bool:
+    """Where the decode step is captured as a CUDA graph by default: on CUDA, for greedy decoding
+    (sampling draws from its own generator, kept outside a graph; beam search runs `beam_search`)."""
+    return device.type == "cuda" and not settings.sampling and settings.num_beams == 1
+
+
+def capture_cuda_graph(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Run `fn` once to warm up, record it as a CUDA graph, and return the graph's replay. `fn` must
+    be a no-op on the state it updates when called here (the warm-up really runs it), and must read
+    and write only tensors that outlive the graph, at fixed shapes, without a host sync."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires (cuBLAS
+        fn()  # workspaces, lazily loaded kernels)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 class Engine:
     def __init__(self, model: PaliGemma, settings: GenerationSettings, *, max_slots: int = 32,
                  max_prompt_len: int | None = None, vision_batch: int | None = None, sync_every: int | None = None,
-                 static_shapes: bool | None = None, mixed_steps: bool | None = None, compile_decode: bool = False,
+                 static_shapes: bool | None = None, mixed_steps: bool | None = None, cuda_graph: bool | None = None,
                  admit_at: int | None = None):
         self.model = model
         self.settings = settings
@@ -77,10 +122,10 @@ class Engine:
         # host sync to size itself and can be captured once as a CUDA graph. On a CPU, trimming to the
         # live rows and columns is cheaper.
         self.static_shapes = self.device.type == "cuda" if static_shapes is None else static_shapes
-        self.decode = model.decode
-        if compile_decode:
-            self.static_shapes = True
-            self.decode = torch.compile(model.decode, mode="reduce-overhead", dynamic=False)
+        # CUDA graph: the static decode step, captured once per run and replayed (`graphs_apply`).
+        self.cuda_graph = graphs_apply(self.device, settings) if cuda_graph is None else cuda_graph
+        self.cuda_graph = self.cuda_graph and settings.num_beams == 1
+        self.static_shapes = self.static_shapes or self.cuda_graph
         # Mixed steps: when prompts are prefilled, the running sequences' next tokens go through the
         # same forward pass, so their rows join the prefill's matrix products instead of paying a
         # decode step of their own. On a CPU a decode step costs about as much as streaming every
@@ -153,11 +198,8 @@ class Engine:
     def _run_continuous(self, requests: Iterator[_Request]) -> Iterator[Completion]:
         s, steps, dev = self.slots, self.settings.max_new_tokens, self.device
         cache = self.model.allocate_cache(s, self.max_prompt_len + steps)
-        token = torch.full((s,), self.pad, dtype=torch.long, device=dev)  # last token of each slot
-        col = torch.zeros(s, dtype=torch.long, device=dev)  # cache column the next token goes to
-        count = torch.zeros(s, dtype=torch.long, device=dev)  # tokens generated so far
-        done = torch.ones(s, dtype=torch.bool, device=dev)
-        out = torch.full((s, steps + 1), self.pad, dtype=torch.long, device=dev)  # last column: discard
+        st = _Slots.allocate(s, steps, self.pad, dev)
+        decode_all = self._static_decode(cache, st)
         owner: dict[int, Hashable] = {}  # occupied slot → request key (live, or finished and not yet reaped)
         waiting: deque[_Request] = deque()
         more = True
@@ -166,8 +208,8 @@ class Engine:
         while True:
             if since_sync >= self.sync_every:  # reap finished sequences, freeing their slots
                 since_sync = 0
-                for i in [i for i in done.nonzero()[:, 0].tolist() if i in owner]:
-                    yield self._completion(owner.pop(i), out[i, : int(count[i])].tolist())
+                for i in [i for i in st.done.nonzero()[:, 0].tolist() if i in owner]:
+                    yield self._completion(owner.pop(i), st.out[i, : int(st.count[i])].tolist())
             more = more and self._fill(waiting, requests)
             free = [i for i in range(s) if i not in owner]
             # Once the input is exhausted nothing new arrives, so wait for as many free slots as there
@@ -175,44 +217,81 @@ class Engine:
             admit = bool(waiting and free and (len(free) >= min(self.admit_at, len(waiting)) or not owner))
             if not owner and not admit:
                 return  # nothing running, nothing waiting, and the input is exhausted
-            prompts = decode = None
-            if admit:
-                group = self._take_bucket(waiting, len(free))
-                rows = torch.tensor(free[: len(group)], device=dev)
-                ids, lengths, features = self._collate(group)
-                prompts = Prompts(ids, lengths, features, rows)
-            if owner and (prompts is None or self.mixed_steps):
+            if owner and (not admit or self.mixed_steps):
+                self.stats.decode_steps += 1
+                since_sync += 1
+            if not admit:
                 if self.static_shapes:
-                    hi, width = s, None
+                    decode_all()
+                    self.stats.slot_steps += s
                 else:  # only rows up to the highest occupied slot, columns up to the longest of them
                     hi = max(owner) + 1
-                    width = int(col[:hi].masked_fill(done[:hi], 0).max()) + 1
-                live = ~done[:hi]
-                # Rows without a live sequence (free, finished, or being prefilled in this very step)
-                # still compute; their key and value go to the cache's spare column.
-                decode = NextTokens(token[:hi], torch.where(live, col[:hi], cache.spare_col), width)
-            if prompts is None:
-                prefill_logits, decode_logits = None, self.decode(decode.tokens, decode.cols, cache, decode.width)
-            else:
-                prefill_logits, decode_logits = self.model.step(cache, prompts, decode)
-            if decode is not None:
-                nxt = torch.where(live, self.select(decode_logits), self.pad)
-                out[:hi].scatter_(1, torch.where(live, count[:hi], steps)[:, None], nxt[:, None])
-                token[:hi] = nxt
-                col[:hi] += live.long()
-                count[:hi] += live.long()
-                done[:hi] |= live & ((nxt == self.eos) | (count[:hi] >= steps))
-                self.stats.decode_steps += 1
+                    width = int(st.col[:hi].masked_fill(st.done[:hi], 0).max()) + 1
+                    decode, live = self._next_tokens(st, cache, hi, width)
+                    self._advance(st, live, self.model.decode(decode.tokens, decode.cols, cache, decode.width))
+                    self.stats.slot_steps += hi
+                continue
+            group = self._take_bucket(waiting, len(free))
+            rows = torch.tensor(free[: len(group)], device=dev)
+            ids, lengths, features = self._collate(group)
+            decode = live = None
+            if owner and self.mixed_steps:
+                hi = s if self.static_shapes else max(owner) + 1
+                width = None if self.static_shapes else int(st.col[:hi].masked_fill(st.done[:hi], 0).max()) + 1
+                decode, live = self._next_tokens(st, cache, hi, width)
+                self.stats.mixed_steps += 1
                 self.stats.slot_steps += hi
-                since_sync += 1
-            if prompts is not None:
-                first = self.select(prefill_logits)
-                token[rows], col[rows], count[rows] = first, lengths, 1
-                out[rows, 0] = first
-                done[rows] = (first == self.eos) | (steps == 1)
-                owner.update({int(r): req.key for r, req in zip(rows.tolist(), group)})
-                self.stats.mixed_steps += decode is not None
-                since_sync = self.sync_every  # look at the new rows before the next step
+            prefill_logits, decode_logits = self.model.step(cache, Prompts(ids, lengths, features, rows), decode)
+            if decode is not None:
+                self._advance(st, live, decode_logits)
+            first = self.select(prefill_logits)
+            st.token[rows], st.col[rows], st.count[rows] = first, lengths, 1
+            st.out[rows, 0] = first
+            st.done[rows] = (first == self.eos) | (steps == 1)
+            owner.update({int(r): req.key for r, req in zip(rows.tolist(), group)})
+            since_sync = self.sync_every  # look at the new rows before the next step
+
+    def _next_tokens(self, st: _Slots, cache, hi: int, width: int | None) -> tuple[NextTokens, torch.Tensor]:
+        """The decode part for slots [0, hi) and which of them are live. Rows without a live sequence
+        (free, finished, or being prefilled in this very step) still compute; their key and value go
+        to the cache's spare column."""
+        live = ~st.done[:hi]
+        return NextTokens(st.token[:hi], torch.where(live, st.col[:hi], cache.spare_col), width), live
+
+    def _advance(self, st: _Slots, live: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record the next token of each live row among the first len(live) slots (no host sync)."""
+        hi, steps = len(live), self.settings.max_new_tokens
+        nxt = torch.where(live, self.select(logits), self.pad)
+        st.out[:hi].scatter_(1, torch.where(live, st.count[:hi], steps)[:, None], nxt[:, None])
+        st.token[:hi] = nxt
+        st.col[:hi] += live.long()
+        st.count[:hi] += live.long()
+        st.done[:hi] |= live & ((nxt == self.eos) | (st.count[:hi] >= steps))
+
+    def _static_decode(self, cache, st: _Slots) -> Callable[[], None]:
+        """The fixed-shape decode step over every slot and the whole cache width: as a replayed CUDA
+        graph when `cuda_graph`, else run as is. Made while every slot is free, so the warm-up run
+        before capture changes nothing but the discard column and the cache's spare column."""
+
+        def step() -> None:
+            decode, live = self._next_tokens(st, cache, self.slots, None)
+            self._advance(st, live, self.model.decode(decode.tokens, decode.cols, cache))
+
+        if not self.cuda_graph:
+            return step
+        try:
+            replay = capture_cuda_graph(step, self.device)
+        except RuntimeError as exc:  # slower, not wrong: say so once and run the same step eagerly
+            warnings.warn(f"CUDA graph capture of the decode step failed, decoding without it: {exc}",
+                          RuntimeWarning, stacklevel=2)
+            self.cuda_graph = False
+            return step
+
+        def replayed() -> None:
+            replay()
+            self.stats.graph_replays += 1
+
+        return replayed
 
     def _completion(self, key: Hashable, tokens: list[int]) -> Completion:
         tokens, reason = finish(tokens, self.eos)

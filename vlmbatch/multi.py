@@ -35,6 +35,7 @@ class WorkerSpec:
     max_prompt_len: int
     cpu_threads: int
     cpu_matmul: str = "torch"  # resolved by the job: "onednn" or "torch"
+    cuda_graph: bool = True  # where the engine can (CUDA, greedy); False: never
 
 
 def run_on_devices(work: Iterator[ImageWork], devices: list[torch.device], spec: WorkerSpec) -> Iterator[Completion]:
@@ -110,7 +111,8 @@ def _worker(index: int, device: str, spec: WorkerSpec, tasks, results) -> None:
         if device.startswith("cpu"):
             torch.set_num_threads(spec.cpu_threads)
         model = load_model(spec.checkpoint, device, spec.dtype, spec.cpu_matmul)
-        engine = Engine(model, spec.settings, max_slots=spec.max_slots, max_prompt_len=spec.max_prompt_len)
+        engine = Engine(model, spec.settings, max_slots=spec.max_slots, max_prompt_len=spec.max_prompt_len,
+                        cuda_graph=None if spec.cuda_graph else False)
         for completion in engine.run(iter(tasks.get, None)):
             results.put(("completion", completion))
         results.put(("finished", index))

@@ -69,6 +69,7 @@ class JobSpec:
     devices: str | None = None  # several devices, one engine process each: "cuda:0,cuda:1" or "all"
     dtype: str | None = None
     cpu_matmul: str = "auto"  # float32 on a CPU: "onednn", "torch" (MKL) or "auto" (the faster here)
+    cuda_graph: bool = True  # on CUDA, greedy: each decode step is one replay of a captured CUDA graph
     limit: int | None = None  # at most this many new images this run
     overwrite: bool = False
     workers: int | None = None  # decode processes; 0 decodes in the main process; None: see default_workers
@@ -310,10 +311,12 @@ class Job:
         spec = self.spec
         if len(self.devices) == 1:
             model = load_model(self.checkpoint, self.devices[0], self.dtype, self.cpu_matmul)
-            engine = Engine(model, spec.generation, max_slots=spec.batch_size, max_prompt_len=self.max_prompt_len)
+            engine = Engine(model, spec.generation, max_slots=spec.batch_size, max_prompt_len=self.max_prompt_len,
+                            cuda_graph=None if spec.cuda_graph else False)
             return engine.run(work)
         worker = WorkerSpec(self.checkpoint, self.dtype, spec.generation, spec.batch_size, self.max_prompt_len,
-                            cpu_threads=cpu_threads_per_worker(len(self.devices)), cpu_matmul=self.cpu_matmul)
+                            cpu_threads=cpu_threads_per_worker(len(self.devices)), cpu_matmul=self.cpu_matmul,
+                            cuda_graph=spec.cuda_graph)
         return run_on_devices(work, self.devices, worker)
 
     def _completion_row(self, origin: tuple[str, Question | None, str], completion: Completion) -> dict:
