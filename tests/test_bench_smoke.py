@@ -88,3 +88,19 @@ def test_gpu_goals_add_the_images_per_second_floor(monkeypatch):
     assert gpu["images_per_second"] == {"goal": 150.0, "measured": 120.0, "met": False}
     cpu = bench_throughput.goals(result, bench_throughput.CPU)
     assert set(cpu) == {"speedup_whole_process", "identical_share"} and cpu["speedup_whole_process"]["goal"] == 2.0
+
+
+def test_gpu_parity_check_runs_its_checks_on_a_cpu(tmp_path):
+    """eval/gpu_parity.py is run by sessions with a GPU; on a CPU it makes the same comparisons
+    without the graph, so its own logic is checked here."""
+    out = tmp_path / "gpu_parity.json"
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "gpu_parity.py"), "--device", "cpu",
+                           "--variants", "pg1_untied", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["passed"] and r["device"] == "cpu" and [v["variant"] for v in r["variants"]] == ["pg1_untied"]
+    variant = r["variants"][0]
+    assert variant["float32"]["identical_to_transformers"] == {"eager": 1.0}
+    assert len(set(variant["float32"]["lengths"])) > 1  # slots free at different steps
+    assert variant["sampling_repeatable"] and "gpu parity: PASSED" in proc.stdout
