@@ -129,8 +129,10 @@ def build_checkpoint(workload: Workload, path: Path, seed: int, eos_boost: float
                                   eos_boost=eos_boost, **workload.model)
     else:
         f.make_tokenizer(path, image_size=workload.image_size)
+        # Drawn on the workload's device: 3B random weights take minutes on a CPU, seconds on a GPU.
         model = f.build_model(workload.variant, image_size=workload.image_size, seed=seed, eos_boost=eos_boost,
-                              tokenizer_dir=path, vocab_size=workload.vocab_size, **workload.model)
+                              tokenizer_dir=path, vocab_size=workload.vocab_size, device=workload.device,
+                              **workload.model)
         with torch.no_grad():
             model.lm_head.weight[f.tokenizer_ids(path)["vocab_size"]:] = 0  # ids the tokenizer lacks
         model.to(getattr(torch, workload.dtype)).save_pretrained(path)
@@ -141,7 +143,9 @@ def build_checkpoint(workload: Workload, path: Path, seed: int, eos_boost: float
         counts["total"] += param.numel()
         counts[next(v for k, v in parts.items() if k in name)] += param.numel()
     del model
-    gc.collect()  # the --gpu model holds ~12 GB of host memory; free it before the timed processes start
+    gc.collect()  # the --gpu model holds ~12 GB; free it before the timed processes start
+    if workload.device == "cuda":
+        torch.cuda.empty_cache()
     return counts
 
 

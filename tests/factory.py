@@ -299,13 +299,16 @@ def _default_tokenizer_ids() -> dict[str, int]:
 
 
 def build_model(variant: str, image_size: int = 224, seed: int = 0, eos_boost: float | None = None,
-                tokenizer_dir: Path | None = None, **overrides):
-    """A random-weight ``PaliGemmaForConditionalGeneration`` (float32, eval mode)."""
+                tokenizer_dir: Path | None = None, device: str = "cpu", **overrides):
+    """A random-weight ``PaliGemmaForConditionalGeneration`` (float32, eval mode), built and drawn on
+    ``device`` (a 3B model takes minutes to draw on a small CPU, a second on a GPU; the weights
+    depend on the device's random generator, so a checkpoint is deterministic per device kind)."""
     from transformers import PaliGemmaForConditionalGeneration
 
     config = make_config(variant, image_size=image_size, tokenizer_dir=tokenizer_dir, **overrides)
     torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.device(device):
+        model = PaliGemmaForConditionalGeneration(config).to(torch.float32).eval()
     _randomize(model, seed)
     if eos_boost is not None:
         _boost_eos(model, eos_boost, config.text_config.eos_token_id)
@@ -319,10 +322,10 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     token. Here: weights N(0, 0.15); Gemma RMSNorm scales N(0, 0.1) (they multiply
     by 1 + w); SigLIP LayerNorm scales 1 + N(0, 0.1); biases N(0, 0.02).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
     def draw(param, std, mean=0.0):
-        param.copy_(mean + std * torch.randn(param.shape, generator=gen))
+        param.copy_(mean + std * torch.randn(param.shape, generator=gen, device=gen.device))
 
     with torch.no_grad():
         for module_name, module in model.named_modules():

@@ -97,7 +97,8 @@ def capture_cuda_graph(fn: Callable[[], None], device: torch.device) -> Callable
         fn()  # workspaces, lazily loaded kernels)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: only this thread's CUDA calls could spoil the capture, not another thread's.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph.replay
 
