@@ -113,7 +113,9 @@ def test_choose_cpu_matmul(monkeypatch):
     assert blocks.choose_cpu_matmul("onednn") == "onednn"
     monkeypatch.setattr(blocks, "onednn_speedup", lambda: 2.3)  # as on an AVX-512 AMD processor
     assert blocks.choose_cpu_matmul("auto") == "onednn"
-    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 1.05)  # as fast as MKL: keep torch's
+    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 1.1)  # as on an AVX2 AMD processor (Zen 3)
+    assert blocks.choose_cpu_matmul("auto") == "onednn"
+    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 0.9)  # slower than MKL: keep torch's
     assert blocks.choose_cpu_matmul("auto") == "torch"
     monkeypatch.setattr(blocks, "onednn_available", lambda: False)
     assert blocks.choose_cpu_matmul("auto") == "torch"

@@ -225,23 +225,19 @@ class Engine:
                 if self.static_shapes:
                     decode_all()
                     self.stats.slot_steps += s
-                else:  # only rows up to the highest occupied slot, columns up to the longest of them
-                    hi = max(owner) + 1
-                    width = int(st.col[:hi].masked_fill(st.done[:hi], 0).max()) + 1
-                    decode, live = self._next_tokens(st, cache, hi, width)
+                else:
+                    decode, live = self._next_tokens(st, cache, owner)
                     self._advance(st, live, self.model.decode(decode.tokens, decode.cols, cache, decode.width))
-                    self.stats.slot_steps += hi
+                    self.stats.slot_steps += len(live)
                 continue
             group = self._take_bucket(waiting, len(free))
             rows = torch.tensor(free[: len(group)], device=dev)
             ids, lengths, features = self._collate(group)
             decode = live = None
             if owner and self.mixed_steps:
-                hi = s if self.static_shapes else max(owner) + 1
-                width = None if self.static_shapes else int(st.col[:hi].masked_fill(st.done[:hi], 0).max()) + 1
-                decode, live = self._next_tokens(st, cache, hi, width)
+                decode, live = self._next_tokens(st, cache, owner)
                 self.stats.mixed_steps += 1
-                self.stats.slot_steps += hi
+                self.stats.slot_steps += len(live)
             prefill_logits, decode_logits = self.model.step(cache, Prompts(ids, lengths, features, rows), decode)
             if decode is not None:
                 self._advance(st, live, decode_logits)
@@ -252,10 +248,15 @@ class Engine:
             owner.update({int(r): req.key for r, req in zip(rows.tolist(), group)})
             since_sync = self.sync_every  # look at the new rows before the next step
 
-    def _next_tokens(self, st: _Slots, cache, hi: int, width: int | None) -> tuple[NextTokens, torch.Tensor]:
-        """The decode part for slots [0, hi) and which of them are live. Rows without a live sequence
-        (free, finished, or being prefilled in this very step) still compute; their key and value go
-        to the cache's spare column."""
+    def _next_tokens(self, st: _Slots, cache, owner: dict[int, Hashable] | None) -> tuple[NextTokens, torch.Tensor]:
+        """A step's decode part and which of its rows are live: with static shapes every slot over the
+        whole cache width, else only rows up to the highest occupied slot and columns up to the longest
+        of them (`owner`: the occupied slots). Rows without a live sequence (free, finished, or being
+        prefilled in this very step) still compute; their key and value go to the cache's spare column."""
+        hi, width = self.slots, None
+        if not self.static_shapes:
+            hi = max(owner) + 1
+            width = int(st.col[:hi].masked_fill(st.done[:hi], 0).max()) + 1
         live = ~st.done[:hi]
         return NextTokens(st.token[:hi], torch.where(live, st.col[:hi], cache.spare_col), width), live
 
@@ -275,7 +276,7 @@ class Engine:
         before capture changes nothing but the discard column and the cache's spare column."""
 
         def step() -> None:
-            decode, live = self._next_tokens(st, cache, self.slots, None)
+            decode, live = self._next_tokens(st, cache, owner=None)
             self._advance(st, live, self.model.decode(decode.tokens, decode.cols, cache))
 
         if not self.cuda_graph:
