@@ -64,6 +64,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from bench_memory import MB, REPO, Measured, check, factory, machine_info, run_measured
 
@@ -287,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="vlmbatch --cpu-matmul (default: its own, auto)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="vlmbatch --no-cuda-graph: decode op by op (default: one CUDA graph replay per step)")
+    p.add_argument("--graph-ab", action="store_true",
+                   help="after the comparison, time vlmbatch once more with the CUDA graph setting flipped")
     p.add_argument("--sweep", nargs="?", const="default", default=None, metavar="SIZES",
                    help="also time vlmbatch at these comma-separated --batch-size values "
                         f"(default: {SWEEPS['cpu']} on CPU, {SWEEPS['gpu']} with --gpu)")
@@ -339,17 +342,30 @@ def main(argv: list[str] | None = None) -> dict:
             "machine": machine,
             **side_by_side(runner, images, args.batch_size or workload.batch_size, args.repeats),
         }
+        # Published before the sweep too: a run cut short (a device session's time limit) keeps its
+        # main figures.
+        publish(result, workload, runner, args.json)
+        if args.graph_ab:
+            result["graph_ab"] = graph_ab(runner, images, args.batch_size or workload.batch_size)
+            publish(result, workload, runner, args.json)
         if args.sweep:
             sizes = SWEEPS[workload.name] if args.sweep == "default" else args.sweep
-            result["sweep"] = sweep(runner, images, [int(size) for size in sizes.split(",")], args.repeats,
-                                    result["vlmbatch"]["fixed_seconds"])
-        result["goals"] = goals(result, workload)
-        result["machine"]["load_average_after"] = list(os.getloadavg())
-        result["runs"] = runner.log
-    report(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+            result["sweep"] = []
+            for row in sweep(runner, images, [int(size) for size in sizes.split(",")], args.repeats,
+                             result["vlmbatch"]["fixed_seconds"]):
+                result["sweep"].append(row)
+                publish(result, workload, runner, args.json)
     return result
+
+
+def publish(result: dict, workload: Workload, runner: Runner, path: Path | None) -> None:
+    """Complete `result` with the goals and the run log, print it, and write it to `path`."""
+    result["goals"] = goals(result, workload)
+    result["machine"]["load_average_after"] = list(os.getloadavg())
+    result["runs"] = runner.log
+    report(result)
+    if path:
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def goals(result: dict, workload: Workload) -> dict:
@@ -401,16 +417,31 @@ def side_by_side(runner: Runner, images: int, batch_size: int, repeats: int) -> 
             "speedup_in_loop": loop_ours / transformers["loop_images_per_second"] if loop_ours else None}
 
 
-def sweep(runner: Runner, images: int, sizes: list[int], repeats: int, fixed_seconds: float) -> list[dict]:
-    """vlmbatch's whole process at each --batch-size, fastest of `repeats` runs."""
-    rows = []
+def graph_ab(runner: Runner, images: int, batch_size: int) -> dict:
+    """vlmbatch's whole process once more with --cuda-graph flipped, beside the main run's best."""
+    runner.cuda_graph = not runner.cuda_graph
+    try:
+        measured, _, stats = runner.vlmbatch(batch_size)
+    finally:
+        runner.cuda_graph = not runner.cuda_graph
+    print(f"  vlmbatch, cuda_graph={not runner.cuda_graph}: {measured.seconds:.1f} s", flush=True)
+    return {"cuda_graph": not runner.cuda_graph, "seconds": round(measured.seconds, 2),
+            "images_per_second": images / measured.seconds,
+            **{k: v for k, v in memory_figures([measured], [stats]).items() if k == "cuda_max_memory_allocated_mb"}}
+
+
+def sweep(runner: Runner, images: int, sizes: list[int], repeats: int, fixed_seconds: float) -> Iterator[dict]:
+    """vlmbatch's whole process at each --batch-size, fastest of `repeats` runs; one row per size, as
+    each is measured."""
     for size in sizes:
-        best = min((runner.vlmbatch(size)[0] for _ in range(repeats)), key=lambda m: m.seconds)
+        runs = [runner.vlmbatch(size) for _ in range(repeats)]
+        best = min((m for m, _, _ in runs), key=lambda m: m.seconds)
         loop = images / (best.seconds - fixed_seconds) if best.seconds > fixed_seconds else None
-        rows.append({"batch_size": size, "seconds": round(best.seconds, 2), "images_per_second": images / best.seconds,
-                     "loop_images_per_second": loop, "peak_tree_rss_mb": round(best.peak_tree_rss / MB, 1)})
         print(f"  sweep --batch-size {size}: {best.seconds:.1f} s", flush=True)
-    return rows
+        yield {"batch_size": size, "seconds": round(best.seconds, 2), "images_per_second": images / best.seconds,
+               "loop_images_per_second": loop, "peak_tree_rss_mb": round(best.peak_tree_rss / MB, 1),
+               **{k: v for k, v in memory_figures([m for m, _, _ in runs], [s for _, _, s in runs]).items()
+                  if k == "cuda_max_memory_allocated_mb"}}
 
 
 def report(r: dict) -> None:
@@ -453,12 +484,17 @@ def report(r: dict) -> None:
         print(f"generated tokens per caption: min {L['min']}, p10 {L['p10']}, median {L['median']}, "
               f"mean {L['mean']}, p90 {L['p90']}, max {L['max']} ({L['at_max_new_tokens']} hit the limit)")
         print("   histogram: " + ", ".join(f"{k}: {n}" for k, n in L["histogram"].items()))
+    if "graph_ab" in r:
+        ab = r["graph_ab"]
+        print(f"\nvlmbatch with cuda_graph={ab['cuda_graph']}: {ab['seconds']:.2f} s, "
+              f"{ab['images_per_second']:.2f} images/s (main run: {v['seconds']:.2f} s)")
     if "sweep" in r:
         print("\nvlmbatch by --batch-size (KV-cache slots):")
-        print(f"{'slots':>7} {'seconds':>9} {'images/s':>9} {'in loop':>9} {'tree RSS MB':>12}")
+        print(f"{'slots':>7} {'seconds':>9} {'images/s':>9} {'in loop':>9} {'tree RSS MB':>12} {'CUDA max MB':>12}")
         for s in r["sweep"]:
             print(f"{s['batch_size']:>7} {s['seconds']:>9.2f} {s['images_per_second']:>9.2f} "
-                  f"{cell(s['loop_images_per_second']):>9} {s['peak_tree_rss_mb']:>12}")
+                  f"{cell(s['loop_images_per_second']):>9} {s['peak_tree_rss_mb']:>12} "
+                  f"{cell(s.get('cuda_max_memory_allocated_mb')):>12}")
     print()
     for name, g in r["goals"].items():
         print(f"goal: {name} >= {g['goal']}: measured {g['measured']} -> {'MET' if g['met'] else 'NOT MET'}")

@@ -29,7 +29,7 @@ def check_machine(machine: dict) -> None:
 
 
 def test_throughput_benchmark_runs_both_sides(tmp_path):
-    r = run_benchmark("bench_throughput", tmp_path, "--tiny", "--images", "4", "--max-new-tokens", "4")
+    r = run_benchmark("bench_throughput", tmp_path, "--tiny", "--images", "4", "--max-new-tokens", "4", "--graph-ab")
     check_machine(r["machine"])
     assert r["workload"]["images"] == 4 and r["workload"]["parameters"]["total"] > 0
     for side in ("vlmbatch", "transformers"):
@@ -46,6 +46,7 @@ def test_throughput_benchmark_runs_both_sides(tmp_path):
     assert 0 <= lengths["min"] <= lengths["median"] <= lengths["max"] <= 4
     assert sum(lengths["histogram"].values()) == 4
     assert set(r["goals"]) == {"speedup_whole_process", "identical_share"}
+    assert r["graph_ab"]["cuda_graph"] is False and r["graph_ab"]["seconds"] > 0  # the flipped setting, timed
 
 
 def test_memory_benchmark_samples_rss_against_progress(tmp_path):
