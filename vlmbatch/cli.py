@@ -44,7 +44,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DevicesOpt = typer.Option(None, "--devices", help="Several devices, one worker each: cuda:0,cuda:1 or all.")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
 CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: onednn, torch (MKL), or auto: "
-                            "oneDNN where a quick check finds it clearly faster (AVX-512 AMD processors).")
+                            "oneDNN unless a quick check finds it slower than MKL.")
 CudaGraphOpt = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
                             "each decode step as one captured CUDA graph; --no-cuda-graph runs it op by op.")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images.")
@@ -255,11 +255,12 @@ def _error_line(message: str) -> None:
 def _run(job: Job, quiet: bool) -> Summary:
     spec = job.spec
     if not quiet:
-        matmul = ", oneDNN matmuls" if job.cpu_matmul == "onednn" else ""
+        fast_path = ", oneDNN matmuls" if job.cpu_matmul == "onednn" else ""
         if spec.cuda_graph and graphs_apply(job.device, spec.generation):
-            matmul = ", CUDA graphs"
+            fast_path = ", CUDA graphs"
         console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "
-                      f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')}{matmul})", highlight=False)
+                      f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')}{fast_path})",
+                      highlight=False)
     with _progress(job, quiet) as update:
         summary = job.run(update)
     if not quiet:
