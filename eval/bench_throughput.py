@@ -342,28 +342,27 @@ def main(argv: list[str] | None = None) -> dict:
             "machine": machine,
             **side_by_side(runner, images, args.batch_size or workload.batch_size, args.repeats),
         }
-        # Published before the sweep too: a run cut short (a device session's time limit) keeps its
-        # main figures.
-        publish(result, workload, runner, args.json)
+        # Saved after each stage: a run cut short (a device session's time limit) keeps what it measured.
+        save(result, workload, runner, args.json)
         if args.graph_ab:
             result["graph_ab"] = graph_ab(runner, images, args.batch_size or workload.batch_size)
-            publish(result, workload, runner, args.json)
+            save(result, workload, runner, args.json)
         if args.sweep:
             sizes = SWEEPS[workload.name] if args.sweep == "default" else args.sweep
             result["sweep"] = []
             for row in sweep(runner, images, [int(size) for size in sizes.split(",")], args.repeats,
                              result["vlmbatch"]["fixed_seconds"]):
                 result["sweep"].append(row)
-                publish(result, workload, runner, args.json)
+                save(result, workload, runner, args.json)
+    report(result)
     return result
 
 
-def publish(result: dict, workload: Workload, runner: Runner, path: Path | None) -> None:
-    """Complete `result` with the goals and the run log, print it, and write it to `path`."""
+def save(result: dict, workload: Workload, runner: Runner, path: Path | None) -> None:
+    """Complete `result` with the goals and the run log so far, and write it to `path`."""
     result["goals"] = goals(result, workload)
     result["machine"]["load_average_after"] = list(os.getloadavg())
     result["runs"] = runner.log
-    report(result)
     if path:
         path.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -417,17 +416,24 @@ def side_by_side(runner: Runner, images: int, batch_size: int, repeats: int) -> 
             "speedup_in_loop": loop_ours / transformers["loop_images_per_second"] if loop_ours else None}
 
 
+def cuda_peak(runs: list[tuple[Measured, Path, dict]]) -> dict:
+    """{"cuda_max_memory_allocated_mb": ...} over vlmbatch runs, or {} off CUDA."""
+    figures = memory_figures([m for m, _, _ in runs], [s for _, _, s in runs])
+    return {k: v for k, v in figures.items() if k == "cuda_max_memory_allocated_mb"}
+
+
 def graph_ab(runner: Runner, images: int, batch_size: int) -> dict:
     """vlmbatch's whole process once more with --cuda-graph flipped, beside the main run's best."""
-    runner.cuda_graph = not runner.cuda_graph
+    flipped = not runner.cuda_graph
+    runner.cuda_graph = flipped
     try:
-        measured, _, stats = runner.vlmbatch(batch_size)
+        run = runner.vlmbatch(batch_size)
     finally:
-        runner.cuda_graph = not runner.cuda_graph
-    print(f"  vlmbatch, cuda_graph={not runner.cuda_graph}: {measured.seconds:.1f} s", flush=True)
-    return {"cuda_graph": not runner.cuda_graph, "seconds": round(measured.seconds, 2),
-            "images_per_second": images / measured.seconds,
-            **{k: v for k, v in memory_figures([measured], [stats]).items() if k == "cuda_max_memory_allocated_mb"}}
+        runner.cuda_graph = not flipped
+    seconds = run[0].seconds
+    print(f"  vlmbatch, cuda_graph={flipped}: {seconds:.1f} s", flush=True)
+    return {"cuda_graph": flipped, "seconds": round(seconds, 2), "images_per_second": images / seconds,
+            **cuda_peak([run])}
 
 
 def sweep(runner: Runner, images: int, sizes: list[int], repeats: int, fixed_seconds: float) -> Iterator[dict]:
@@ -440,8 +446,7 @@ def sweep(runner: Runner, images: int, sizes: list[int], repeats: int, fixed_sec
         print(f"  sweep --batch-size {size}: {best.seconds:.1f} s", flush=True)
         yield {"batch_size": size, "seconds": round(best.seconds, 2), "images_per_second": images / best.seconds,
                "loop_images_per_second": loop, "peak_tree_rss_mb": round(best.peak_tree_rss / MB, 1),
-               **{k: v for k, v in memory_figures([m for m, _, _ in runs], [s for _, _, s in runs]).items()
-                  if k == "cuda_max_memory_allocated_mb"}}
+               **cuda_peak(runs)}
 
 
 def report(r: dict) -> None:

@@ -105,10 +105,11 @@ def test_cpu_matmul_flag_picks_the_library_and_the_captions_stay(folder, tmp_pat
     assert "cpu_matmul" not in json.loads(pq.read_metadata(out).metadata[b"vlmbatch.settings"])  # resumable either way
 
 
-@pytest.mark.parametrize("flag, expected", [((), None), (("--no-cuda-graph",), False)])
+@pytest.mark.parametrize("flag, expected", [((), True), (("--no-cuda-graph",), False)])
 def test_cuda_graph_flag_reaches_the_engine(folder, tmp_path, ckpt, monkeypatch, flag, expected):
-    """By default the engine decides (graphs on CUDA for greedy decoding, `engine.graphs_apply`);
-    --no-cuda-graph turns them off whatever the device. Captions stay those of the engine."""
+    """By default graphs are allowed, and the engine takes them where they apply (on CUDA for greedy
+    decoding, `engine.graphs_apply`); --no-cuda-graph turns them off whatever the device. Captions
+    stay those of the engine."""
     import vlmbatch.pipeline
 
     seen = []

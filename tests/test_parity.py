@@ -239,6 +239,7 @@ def test_cuda_graph_decode_replays_one_captured_step(make_ckpt, images, variant,
     expected = reference_generate(ckpt, images, PROMPTS, max_new_tokens=12)
     assert len({len(e) for e in expected}) > 1
     captured = []
+    monkeypatch.setattr(engine_module, "graphs_apply", lambda device, settings: True)  # as on CUDA
     monkeypatch.setattr(engine_module, "capture_cuda_graph", lambda fn, device: captured.append(device) or
                         graph_stand_in(fn, device))
     torch._dynamo.reset()  # each run's step is a new closure of the same code: forget earlier traces
@@ -258,6 +259,7 @@ def test_cuda_graph_capture_failure_falls_back_to_the_same_step_eagerly(make_ckp
     def failing(fn, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
+    monkeypatch.setattr(engine_module, "graphs_apply", lambda device, settings: True)  # as on CUDA
     monkeypatch.setattr(engine_module, "capture_cuda_graph", failing)
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
         got, stats = engine_run(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=8), slots=3,

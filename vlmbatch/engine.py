@@ -106,7 +106,7 @@ def capture_cuda_graph(fn: Callable[[], None], device: torch.device) -> Callable
 class Engine:
     def __init__(self, model: PaliGemma, settings: GenerationSettings, *, max_slots: int = 32,
                  max_prompt_len: int | None = None, vision_batch: int | None = None, sync_every: int | None = None,
-                 static_shapes: bool | None = None, mixed_steps: bool | None = None, cuda_graph: bool | None = None,
+                 static_shapes: bool | None = None, mixed_steps: bool | None = None, cuda_graph: bool = True,
                  admit_at: int | None = None):
         self.model = model
         self.settings = settings
@@ -123,9 +123,9 @@ class Engine:
         # host sync to size itself and can be captured once as a CUDA graph. On a CPU, trimming to the
         # live rows and columns is cheaper.
         self.static_shapes = self.device.type == "cuda" if static_shapes is None else static_shapes
-        # CUDA graph: the static decode step, captured once per run and replayed (`graphs_apply`).
-        self.cuda_graph = graphs_apply(self.device, settings) if cuda_graph is None else cuda_graph
-        self.cuda_graph = self.cuda_graph and settings.num_beams == 1
+        # CUDA graph: the static decode step, captured once per run and replayed, where `graphs_apply`
+        # (cuda_graph=False: never).
+        self.cuda_graph = cuda_graph and graphs_apply(self.device, settings)
         self.static_shapes = self.static_shapes or self.cuda_graph
         # Mixed steps: when prompts are prefilled, the running sequences' next tokens go through the
         # same forward pass, so their rows join the prefill's matrix products instead of paying a

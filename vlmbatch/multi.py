@@ -112,7 +112,7 @@ def _worker(index: int, device: str, spec: WorkerSpec, tasks, results) -> None:
             torch.set_num_threads(spec.cpu_threads)
         model = load_model(spec.checkpoint, device, spec.dtype, spec.cpu_matmul)
         engine = Engine(model, spec.settings, max_slots=spec.max_slots, max_prompt_len=spec.max_prompt_len,
-                        cuda_graph=None if spec.cuda_graph else False)
+                        cuda_graph=spec.cuda_graph)
         for completion in engine.run(iter(tasks.get, None)):
             results.put(("completion", completion))
         results.put(("finished", index))

@@ -312,7 +312,7 @@ class Job:
         if len(self.devices) == 1:
             model = load_model(self.checkpoint, self.devices[0], self.dtype, self.cpu_matmul)
             engine = Engine(model, spec.generation, max_slots=spec.batch_size, max_prompt_len=self.max_prompt_len,
-                            cuda_graph=None if spec.cuda_graph else False)
+                            cuda_graph=spec.cuda_graph)
             return engine.run(work)
         worker = WorkerSpec(self.checkpoint, self.dtype, spec.generation, spec.batch_size, self.max_prompt_len,
                             cpu_threads=cpu_threads_per_worker(len(self.devices)), cpu_matmul=self.cpu_matmul,

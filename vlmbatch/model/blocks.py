@@ -9,12 +9,11 @@ runs the plain ops. All were measured on the benchmark's 2-core CPUs (eval/READM
   faster than MKL's, from a decode step's 16 rows (296 against 87 GFLOP/s) to a prefill's 4,000
   (380 against 130-165); the vision tower and a prefill took half the time. On a 2-core AVX2-only
   AMD EPYC (Zen 3) the gap is small: 1.0-1.8x (mostly 1.05-1.3x) over the model's shapes from 16 to
-  4,096 rows, the probe below 1.10-1.22x, whole runs 2-4 % faster. `choose_cpu_matmul` times both
-  once on a small product and keeps MKL only where oneDNN's plain product is slower: oneDNN also
-  fuses the MLPs' activation and gate into its products (below). Both accumulate in float32; the results
-  differ from MKL's in the last bits, as two BLAS libraries' do. oneDNN also applies an MLP's GELU,
-  or its gate product, as it writes a product (`Linear.gelu_tanh`, `Linear.times`), sparing a pass
-  over the wide intermediate (11-18 % of those products' time).
+  4,096 rows, the probe below 1.10-1.22x, whole runs 2-4 % faster. oneDNN also applies an MLP's
+  GELU, or its gate product, as it writes a product (`Linear.gelu_tanh`, `Linear.times`), sparing a
+  pass over the wide intermediate (11-18 % of those products' time), so `choose_cpu_matmul` times
+  both once on a small product and keeps MKL only where oneDNN's plain product is slower. Both
+  accumulate in float32; the results differ from MKL's in the last bits, as two BLAS libraries' do.
 - `Linear` without it: a decode step multiplies a few rows (one per live sequence) by each weight
   matrix. MKL is 20-35 % faster at that product taken weight-major, W·xᵀ, than as x·Wᵀ. Each output
   is the same dot product either way; in the shapes tried, the bits were identical for 1 and for
