@@ -284,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="vlmbatch --batch-size (default: the workload's)")
     p.add_argument("--hf-batch-size", type=int, default=8, help="the transformers script's batch size")
     p.add_argument("--workers", type=int, default=None, help="vlmbatch --workers (default: its own)")
-    p.add_argument("--cpu-matmul", choices=["auto", "onednn", "torch"], default=None,
+    p.add_argument("--cpu-matmul", choices=["auto", "onednn+gelu", "onednn", "torch"], default=None,
                    help="vlmbatch --cpu-matmul (default: its own, auto)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="vlmbatch --no-cuda-graph: decode op by op (default: one CUDA graph replay per step)")
@@ -313,10 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
     images = args.images or workload.images
     machine = machine_info()
     if workload.device == "cpu":
-        from vlmbatch.model.blocks import onednn_available, onednn_speedup
+        from vlmbatch.model.blocks import cpu_matmul_timings, onednn_available
 
-        # What `--cpu-matmul auto` weighs: MKL's time over oneDNN's for one small product, here.
-        machine["onednn_speedup_probe"] = round(onednn_speedup(repeats=9), 2) if onednn_available() else None
+        # What `--cpu-matmul auto` weighs: its probe's milliseconds for each way, here.
+        machine["cpu_matmul_probe_ms"] = ({way: round(seconds * 1e3, 2) for way, seconds in
+                                           cpu_matmul_timings(repeats=9).items()} if onednn_available() else None)
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -459,9 +460,10 @@ def report(r: dict) -> None:
     print(f"   machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gb']} GB, "
           f"{m['device']}, torch {m['torch']}, transformers {m.get('transformers')}; "
           f"load average {m['load_average'][0]:.2f} before, {m['load_average_after'][0]:.2f} after")
-    if m.get("onednn_speedup_probe") is not None:
+    if m.get("cpu_matmul_probe_ms") is not None:
+        probe = ", ".join(f"{way} {ms:.2f}" for way, ms in m["cpu_matmul_probe_ms"].items())
         print(f"   CPU family {m.get('cpu_family')} model {m.get('cpu_model')}, {', '.join(m.get('isa', []))}; "
-              f"oneDNN {m['onednn_speedup_probe']:.2f}x MKL on the probe; vlmbatch --cpu-matmul {w['vlmbatch_cpu_matmul']}")
+              f"probe ms: {probe}; vlmbatch --cpu-matmul {w['vlmbatch_cpu_matmul']}")
     rows = [("whole process, images/s", v["images_per_second"], t["images_per_second"], r["speedup_whole_process"]),
             ("whole process, seconds", v["seconds"], t["seconds"], None),
             ("in its loop, images/s", v["loop_images_per_second"], t["loop_images_per_second"], r["speedup_in_loop"]),

@@ -90,16 +90,16 @@ def test_packing_releases_the_plain_weight_and_unpacking_restores_it():
     assert not kept.weight.is_meta and kept.packed is not None
 
 
-@pytest.mark.parametrize("variant", ["pg1_tied", "pg1_untied"])
-def test_a_model_loaded_for_onednn_packs_every_linear_and_keeps_a_tied_head(make_ckpt, variant):
+@pytest.mark.parametrize("variant, matmul", [("pg1_tied", "onednn"), ("pg1_untied", "onednn+gelu")])
+def test_a_model_loaded_for_onednn_packs_every_linear_and_keeps_a_tied_head(make_ckpt, variant, matmul):
     from vlmbatch.model.loading import load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(str(make_ckpt(variant).path))
-    model = load_model(checkpoint, cpu_matmul="onednn")
+    model = load_model(checkpoint, cpu_matmul=matmul)
     linears = [m for m in model.modules() if isinstance(m, blocks.Linear)]
     cfg = model.cfg
     assert len(linears) == 6 * cfg.vision.num_hidden_layers + 1 + 7 * cfg.text.num_hidden_layers + 1  # and the head
-    assert all(m.packed is not None for m in linears)
+    assert all(m.packed is not None and m.fused_gelu == (matmul == "onednn+gelu") for m in linears)
     tied = variant == "pg1_tied"
     assert (model.lm_head.weight is model.text.embed_tokens.weight) == tied
     assert model.lm_head.weight.is_meta != tied
@@ -109,31 +109,40 @@ def test_a_model_loaded_for_onednn_packs_every_linear_and_keeps_a_tied_head(make
 
 
 def test_choose_cpu_matmul(monkeypatch):
-    assert blocks.choose_cpu_matmul("torch") == "torch"
-    assert blocks.choose_cpu_matmul("onednn") == "onednn"
-    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 2.3)  # as on an AVX-512 AMD processor
+    for choice in ("torch", "onednn", "onednn+gelu"):
+        assert blocks.choose_cpu_matmul(choice) == choice
+    assert blocks.choose_cpu_matmul("onednn", dtype=torch.bfloat16) == "torch"
+    assert blocks.choose_cpu_matmul("onednn+gelu", device=torch.device("cuda")) == "torch"
+
+    def timed(**seconds):
+        monkeypatch.setattr(blocks, "cpu_matmul_timings", lambda: seconds)
+
+    timed(torch=7.5, onednn=3.1, **{"onednn+gelu": 2.7})  # as on an AVX-512 AMD processor (Zen 5)
+    assert blocks.choose_cpu_matmul("auto") == "onednn+gelu"
+    timed(torch=5.9, onednn=5.0, **{"onednn+gelu": 6.5})  # as on an AVX2 one (Zen 3)
     assert blocks.choose_cpu_matmul("auto") == "onednn"
-    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 1.1)  # as on an AVX2 AMD processor (Zen 3)
-    assert blocks.choose_cpu_matmul("auto") == "onednn"
-    monkeypatch.setattr(blocks, "onednn_speedup", lambda: 0.9)  # slower than MKL: keep torch's
+    timed(torch=4.0, onednn=5.0, **{"onednn+gelu": 6.5})  # MKL the fastest: keep torch's
     assert blocks.choose_cpu_matmul("auto") == "torch"
     monkeypatch.setattr(blocks, "onednn_available", lambda: False)
     assert blocks.choose_cpu_matmul("auto") == "torch"
-    with pytest.raises(ValueError, match="no oneDNN"):
-        blocks.choose_cpu_matmul("onednn")
+    for choice in ("onednn", "onednn+gelu"):
+        with pytest.raises(ValueError, match="no oneDNN"):
+            blocks.choose_cpu_matmul(choice)
     with pytest.raises(ValueError, match="unknown CPU matmul 'mkl'"):
         blocks.choose_cpu_matmul("mkl")
 
 
-def test_onednn_speedup_is_a_measured_ratio():
-    ratio = blocks.onednn_speedup(rows=32, d_in=64, d_out=128, repeats=3)
-    assert 0.05 < ratio < 20
+def test_cpu_matmul_timings_time_each_way():
+    timings = blocks.cpu_matmul_timings(rows=32, d_in=64, d_out=128, repeats=2)
+    assert set(timings) == set(blocks.CPU_MATMULS) - {"auto"}
+    assert all(0 < seconds < 1 for seconds in timings.values())
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "fused_gelu", "gelu_apart"])
 @pytest.mark.parametrize("shape", [(5, 96), (2, 300, 96), (0, 96)])
 def test_fused_gelu_and_gate_products_match_the_separate_ops(shape, packed):
-    """Linear.gelu_tanh and Linear.times, which oneDNN fuses into the product when packed."""
+    """Linear.gelu_tanh and Linear.times, which oneDNN fuses into the product when packed (the GELU
+    only with fused_gelu)."""
     torch.manual_seed(0)
     gate, up = blocks.Linear(96, 200, bias=True), blocks.Linear(96, 200, bias=False)
     x = torch.randn(shape)
@@ -141,7 +150,8 @@ def test_fused_gelu_and_gate_products_match_the_separate_ops(shape, packed):
         g = F.gelu(F.linear(x, gate.weight, gate.bias), approximate="tanh")
         want_gelu, want_times = g, F.linear(x, up.weight) * g
         if packed:
-            gate.pack(), up.pack()
+            gate.pack(fused_gelu=packed == "fused_gelu"), up.pack()
+            assert gate.fused_gelu == (packed == "fused_gelu")
         got_gelu = gate.gelu_tanh(x)
         got_times = up.times(x, got_gelu)
     assert got_gelu.shape == want_gelu.shape and got_times.shape == want_times.shape

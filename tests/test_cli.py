@@ -93,12 +93,14 @@ def test_folder_captions_equal_the_engine_and_carry_metadata(folder, tmp_path, c
     assert meta[b"vlmbatch.model_fingerprint"] and meta[b"vlmbatch.version"]
 
 
-@pytest.mark.parametrize("cpu_matmul", ["torch", "onednn"])
-def test_cpu_matmul_flag_picks_the_library_and_the_captions_stay(folder, tmp_path, ckpt, cpu_matmul):
+@pytest.mark.parametrize("cpu_matmul, header", [("torch", None), ("onednn", "oneDNN matmuls)"),
+                                                ("onednn+gelu", "oneDNN matmuls + GELU)")])
+def test_cpu_matmul_flag_picks_the_library_and_the_captions_stay(folder, tmp_path, ckpt, cpu_matmul, header):
     out = tmp_path / "caps.parquet"
     result = invoke("caption", folder, "--out", out, "--model", ckpt, "--max-new-tokens", 8, "--workers", 0,
                     "--cpu-matmul", cpu_matmul)
-    assert ("oneDNN matmuls" in result.output) == (cpu_matmul == "onednn")
+    said = " ".join(result.output.split())
+    assert ("oneDNN" in said) == (header is not None) and (header is None or header in said)
     table = rows(out)
     assert {r["id"]: r["caption"] for r in table} == direct_captions(ckpt, {r["id"]: folder / r["id"] for r in table},
                                                                      cpu_matmul=cpu_matmul)
@@ -130,6 +132,7 @@ def test_cpu_matmul_applies_to_float32_on_a_cpu_only():
     from vlmbatch.pipeline import resolve_cpu_matmul
 
     assert resolve_cpu_matmul("onednn", torch.device("cpu"), torch.float32) == "onednn"
+    assert resolve_cpu_matmul("onednn+gelu", torch.device("cpu"), torch.float32) == "onednn+gelu"
     assert resolve_cpu_matmul("onednn", torch.device("cpu"), torch.bfloat16) == "torch"
     assert resolve_cpu_matmul("onednn", torch.device("cuda"), torch.float32) == "torch"
 
@@ -274,7 +277,7 @@ def test_summary_counts_errors(tmp_path, ckpt):
     ("unwritable out", ["caption", "{folder}", "--out", "/proc/vlmbatch/o.parquet", "--model", "{ckpt}"], "error"),
     ("vqa without questions", ["vqa", "{folder}", "--out", "{tmp}/o.parquet", "--model", "{ckpt}"], "--questions"),
     ("unknown cpu matmul", ["caption", "{folder}", "--out", "{tmp}/o.parquet", "--model", "{ckpt}",
-                            "--cpu-matmul", "mkl"], "unknown --cpu-matmul 'mkl' (use auto, onednn, torch)"),
+                            "--cpu-matmul", "mkl"], "unknown --cpu-matmul 'mkl' (use auto, onednn+gelu, onednn, torch)"),
 ])
 def test_fatal_mistakes_are_one_line(case, args, message, folder, tmp_path, ckpt):
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.jpg"}) + "\n")

@@ -43,8 +43,9 @@ SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DevicesOpt = typer.Option(None, "--devices", help="Several devices, one worker each: cuda:0,cuda:1 or all.")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
-CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: onednn, torch (MKL), or auto: "
-                            "oneDNN unless a quick check finds it slower than MKL.")
+CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: onednn+gelu (oneDNN, applying "
+                            "the MLP's GELU as it writes the product), onednn (GELU after it), torch (MKL), or "
+                            "auto: the fastest of the three on a quick check.")
 CudaGraphOpt = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
                             "each decode step as one captured CUDA graph; --no-cuda-graph runs it op by op.")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images.")
@@ -255,7 +256,7 @@ def _error_line(message: str) -> None:
 def _run(job: Job, quiet: bool) -> Summary:
     spec = job.spec
     if not quiet:
-        fast_path = ", oneDNN matmuls" if job.cpu_matmul == "onednn" else ""
+        fast_path = {"onednn": ", oneDNN matmuls", "onednn+gelu": ", oneDNN matmuls + GELU"}.get(job.cpu_matmul, "")
         if spec.cuda_graph and graphs_apply(job.device, spec.generation):
             fast_path = ", CUDA graphs"
         console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "

@@ -34,7 +34,7 @@ class WorkerSpec:
     max_slots: int
     max_prompt_len: int
     cpu_threads: int
-    cpu_matmul: str = "torch"  # resolved by the job: "onednn" or "torch"
+    cpu_matmul: str = "torch"  # resolved by the job: "onednn+gelu", "onednn" or "torch"
     cuda_graph: bool = True  # where the engine can (CUDA, greedy); False: never
 
 

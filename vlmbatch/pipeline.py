@@ -68,7 +68,7 @@ class JobSpec:
     device: str = "auto"
     devices: str | None = None  # several devices, one engine process each: "cuda:0,cuda:1" or "all"
     dtype: str | None = None
-    cpu_matmul: str = "auto"  # float32 on a CPU: "onednn", "torch" (MKL) or "auto" (the faster here)
+    cpu_matmul: str = "auto"  # float32 on a CPU: one of blocks.CPU_MATMULS; "auto": the fastest here
     cuda_graph: bool = True  # on CUDA, greedy: each decode step is one replay of a captured CUDA graph
     limit: int | None = None  # at most this many new images this run
     overwrite: bool = False
@@ -142,8 +142,8 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def resolve_cpu_matmul(choice: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Who multiplies the linear layers: "onednn" or "torch"; decided once per job (workers on several
-    CPUs share the decision), see `blocks.choose_cpu_matmul`."""
+    """Who multiplies the linear layers: "onednn+gelu", "onednn" or "torch"; decided once per job
+    (workers on several CPUs share the decision), see `blocks.choose_cpu_matmul`."""
     if choice not in CPU_MATMULS:  # named as the flag is, whatever the device
         raise VlmbatchError(f"unknown --cpu-matmul {choice!r} (use {', '.join(CPU_MATMULS)})")
     try:

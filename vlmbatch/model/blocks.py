@@ -9,19 +9,22 @@ runs the plain ops. All were measured on the benchmark's 2-core CPUs (eval/READM
   faster than MKL's, from a decode step's 16 rows (296 against 87 GFLOP/s) to a prefill's 4,000
   (380 against 130-165); the vision tower and a prefill took half the time. On a 2-core AVX2-only
   AMD EPYC (Zen 3) the gap is small: 1.0-1.8x (mostly 1.05-1.3x) over the model's shapes from 16 to
-  4,096 rows, the probe below 1.10-1.22x, whole runs 2-4 % faster. oneDNN also applies an MLP's
-  GELU, or its gate product, as it writes a product (`Linear.gelu_tanh`, `Linear.times`), sparing a
-  pass over the wide intermediate (11-18 % of those products' time), so `choose_cpu_matmul` times
-  both once on a small product and keeps MKL only where oneDNN's plain product is slower. Both
-  accumulate in float32; the results differ from MKL's in the last bits, as two BLAS libraries' do.
+  4,096 rows, whole runs 2-4 % faster. oneDNN can also apply an MLP's GELU, or its gate product,
+  as it writes a product (`Linear.gelu_tanh`, `Linear.times`), sparing a pass over the wide
+  intermediate. For the product, that pass costs 11-18 % of the time on Zen 5; its GELU, on Zen 3,
+  made the GELU's products 40-70 % slower than the plain product followed by `gelu_tanh`. So
+  `choose_cpu_matmul` times the three ways ("torch", "onednn", "onednn+gelu") on one GELU product
+  and takes the fastest. All accumulate in float32; their results differ in the last bits, as two
+  BLAS libraries' do.
 - `Linear` without it: a decode step multiplies a few rows (one per live sequence) by each weight
   matrix. MKL is 20-35 % faster at that product taken weight-major, W·xᵀ, than as x·Wᵀ. Each output
   is the same dot product either way; in the shapes tried, the bits were identical for 1 and for
   13-64 rows and differed in the last place for 2-8 rows.
-- `gelu_tanh`: ½x(1 + tanh u) equals x·σ(2u), and torch's vectorised sigmoid is about 3x faster than
-  its tanh, so the activation costs about 40 % of `F.gelu(approximate="tanh")`. Both are within
-  6e-7 of the float64 value; for negative inputs, where 1 + tanh u cancels, this form keeps more
-  relative precision than torch's.
+- `gelu_tanh`: ½x(1 + tanh u) equals x·σ(2u), and torch's vectorised sigmoid is much faster than its
+  tanh: the four passes over the tensor (2u/x, 2u, σ, ·x) cost 55-60 % of
+  `F.gelu(approximate="tanh")` on Zen 3 (a six-pass form before it: 40 % on Zen 5, 95-110 % on
+  Zen 3). Both are within 6e-7 of the float64 value; for negative inputs, where 1 + tanh u cancels,
+  this form keeps more relative precision than torch's.
 - `in_row_blocks`: an MLP's intermediate activation is 4-8x wider than its input: for a batch of
   prompts (16 x 266 tokens x 2048 floats) it is tens of MB, far out of cache, and the activation and
   the next matmul each stream it through memory again. In slices of ~1,000 tokens it stays in cache
@@ -41,9 +44,11 @@ from torch import nn
 
 CPU_ROW_BLOCK = 1024
 FEW_ROWS = 64  # at most this many rows: weight-major product
-CPU_MATMULS = ("auto", "onednn", "torch")
-ONEDNN_MIN_SPEEDUP = 1.0  # "auto" takes oneDNN when its plain product is at least as fast (it also fuses)
+# Who multiplies a float32 model's linear layers on a CPU: MKL ("torch"), oneDNN with the GELU
+# after the product ("onednn"), or oneDNN applying it as it writes the product ("onednn+gelu").
+CPU_MATMULS = ("auto", "onednn+gelu", "onednn", "torch")
 _TWO_C = 2 * math.sqrt(2 / math.pi)  # tanh GELU: u = c (x + 0.044715 x³)
+_TWO_C_TENSOR = torch.tensor(_TWO_C)
 
 
 def in_row_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -59,13 +64,15 @@ class Linear(nn.Linear):
     prepacked for oneDNN (`pack`), or else W·xᵀ for few rows."""
 
     packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, once packed
+    fused_gelu: bool = True  # packed: oneDNN applies `gelu_tanh`'s activation as it writes the product
 
-    def pack(self, keep_weight: bool = False) -> None:
+    def pack(self, keep_weight: bool = False, fused_gelu: bool = True) -> None:
         """Hand the (float32, CPU) weight to oneDNN in its blocked layout. The plain weight is released
         unless `keep_weight` (a tied head shares it with the embedding): it stays a meta tensor that
         keeps its shape, and any use of it fails loudly. Inference only; `unpack` restores it."""
         # The layout is chosen for products of CPU_ROW_BLOCK rows (an MLP's slice); it serves any row count.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), CPU_ROW_BLOCK)
+        self.fused_gelu = fused_gelu
         if not keep_weight:
             self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
 
@@ -76,8 +83,8 @@ class Linear(nn.Linear):
             self.packed = None
 
     def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
-        """gelu_tanh(self(x)); packed, oneDNN applies the activation as it writes the product."""
-        if self.packed is not None:
+        """gelu_tanh(self(x)); packed with `fused_gelu`, oneDNN applies it as it writes the product."""
+        if self.packed is not None and self.fused_gelu:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], "tanh")
         return gelu_tanh(self(x))
 
@@ -103,9 +110,9 @@ def onednn_available() -> bool:
 
 def choose_cpu_matmul(choice: str = "auto", device: torch.device = torch.device("cpu"),
                       dtype: torch.dtype = torch.float32) -> str:
-    """Which library multiplies the linear layers of a model on `device` in `dtype`: "onednn" or
-    "torch" (MKL on a CPU). Only a float32 model on a CPU has the choice; elsewhere it is torch's.
-    "auto" times both on one small product and takes oneDNN unless it is slower (ONEDNN_MIN_SPEEDUP)."""
+    """Who multiplies the linear layers of a model on `device` in `dtype` (see CPU_MATMULS): only a
+    float32 model on a CPU has the choice; elsewhere it is torch's. "auto" times the three on one
+    GELU product (`cpu_matmul_timings`) and takes the fastest; the others are taken as they are."""
     if choice not in CPU_MATMULS:
         raise ValueError(f"unknown CPU matmul {choice!r} (use {', '.join(CPU_MATMULS)})")
     if device.type != "cpu" or dtype != torch.float32:
@@ -114,34 +121,36 @@ def choose_cpu_matmul(choice: str = "auto", device: torch.device = torch.device(
         return "torch"
     if not onednn_available():
         raise ValueError("oneDNN matmuls were asked for, but this torch build has no oneDNN (mkldnn) linear op")
-    if choice == "onednn":
-        return "onednn"
-    return "onednn" if onednn_speedup() >= ONEDNN_MIN_SPEEDUP else "torch"
+    if choice != "auto":
+        return choice
+    timings = cpu_matmul_timings()
+    return min(timings, key=timings.get)
 
 
 @torch.inference_mode()
-def onednn_speedup(rows: int = 256, d_in: int = 512, d_out: int = 2048, repeats: int = 5) -> float:
-    """MKL's time over oneDNN's for one [rows, d_in] x [d_in, d_out] float32 product (best of
-    `repeats` each, after a warm-up): 2.4-3.2 on an AVX-512 AMD processor (Zen 5), 1.10-1.22 on an
-    AVX2 one (Zen 3). ~50 ms."""
+def cpu_matmul_timings(rows: int = 256, d_in: int = 512, d_out: int = 2048, repeats: int = 3) -> dict[str, float]:
+    """Seconds for gelu_tanh of one [rows, d_in] x [d_in, d_out] float32 product, each way of
+    CPU_MATMULS but auto (best of `repeats` each after a warm-up, taken in turns so that a change in
+    the machine's speed weighs on all alike). ~70 ms. MKL over the best oneDNN: 2.4-3.2 on an AVX-512
+    AMD processor (Zen 5), 1.1-1.5 on an AVX2 one (Zen 3), whose oneDNN GELU was the slowest of all."""
     x, w = torch.randn(rows, d_in), torch.randn(d_out, d_in)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-
-    def best(fn: Callable[[], torch.Tensor]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
+    ways: dict[str, Callable[[], torch.Tensor]] = {
+        "torch": lambda: gelu_tanh(torch.mm(x, w.t())),
+        "onednn": lambda: gelu_tanh(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")),
+        "onednn+gelu": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "gelu", [], "tanh"),
+    }
+    best = dict.fromkeys(ways, math.inf)
+    for round_ in range(repeats + 1):
+        for name, fn in ways.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    mkl = best(lambda: torch.mm(x, w.t()))
-    onednn = best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-    return mkl / onednn
+            if round_:  # round 0 warms up
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def use_onednn(model: nn.Module) -> int:
+def use_onednn(model: nn.Module, fused_gelu: bool = True) -> int:
     """Pack every `Linear` of a float32 CPU model for oneDNN (see `Linear.pack`); a weight another
     module also holds (a tied LM head) is kept. Returns how many were packed."""
     shared = {id(p) for module in model.modules() if not isinstance(module, Linear)
@@ -150,7 +159,7 @@ def use_onednn(model: nn.Module) -> int:
     for linear in linears:
         if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
             raise ValueError("oneDNN packing is for float32 weights on the CPU")
-        linear.pack(keep_weight=id(linear.weight) in shared)
+        linear.pack(keep_weight=id(linear.weight) in shared, fused_gelu=fused_gelu)
     return len(linears)
 
 
@@ -158,6 +167,6 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation ("gelu_pytorch_tanh"), as x·σ(2u) on a CPU in inference."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
         return F.gelu(x, approximate="tanh")
-    u = x * x  # 2u = 2c·x·(1 + 0.044715 x²), in place on one fresh tensor
-    u.mul_(_TWO_C * 0.044715).add_(_TWO_C).mul_(x)
-    return u.sigmoid_().mul_(x)
+    # 2u = x·2c(1 + 0.044715 x²); four passes, in place on one fresh tensor
+    u = torch.addcmul(_TWO_C_TENSOR, x, x, value=_TWO_C * 0.044715)
+    return u.mul_(x).sigmoid_().mul_(x)

@@ -156,7 +156,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                cpu_matmul: str = "torch") -> PaliGemma:
-    """The checkpoint's model on `device`, for inference. `cpu_matmul` ("auto", "onednn" or "torch",
+    """The checkpoint's model on `device`, for inference. `cpu_matmul` (one of `blocks.CPU_MATMULS`,
     see `blocks.choose_cpu_matmul`) says who multiplies a float32 model's linear layers on a CPU;
     with oneDNN their weights are packed for it and the plain copies released (`blocks.use_onednn`)."""
     device = torch.device(device)
@@ -172,8 +172,9 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.text.embed_tokens.weight
     _rebuild_buffers(model, device)
-    if choose_cpu_matmul(cpu_matmul, device, dtype) == "onednn":
-        use_onednn(model)
+    matmul = choose_cpu_matmul(cpu_matmul, device, dtype)
+    if matmul != "torch":
+        use_onednn(model, fused_gelu=matmul == "onednn+gelu")
         _detach_from_file(model)
     return model.eval()
 
