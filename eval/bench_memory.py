@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -235,6 +236,7 @@ def build_folder(root: Path, n: int, sources: int = 8, per_dir: int = 1000) -> P
         paths.append(originals / f"photo{i}.jpg")
         photo.save(paths[-1], quality=90)
     folder = root / "images"
+    shutil.rmtree(folder, ignore_errors=True)  # a reused --workdir: exactly n images, built afresh
     for i in range(n):
         sub = folder / f"d{i // per_dir:04d}"
         if i % per_dir == 0:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vlmbatch.generation import GenerationSettings, TokenSelector, beam_search, finish
+from vlmbatch.hostmem import keep_freed_memory
 from vlmbatch.model.paligemma import NextTokens, PaliGemma, Prompts
 from vlmbatch.processor import Processor
 
@@ -138,6 +139,8 @@ class Engine:
         self.admit_at = admit_at or max(1, max_slots // 4)
         self.select = TokenSelector(settings, self.device)
         self.stats = EngineStats()
+        if self.device.type == "cpu":  # each step's activations reuse the last step's pages
+            keep_freed_memory()
 
     # -- public -----------------------------------------------------------------------------------
     def run(self, work: Iterable[ImageWork]) -> Iterator[Completion]:
