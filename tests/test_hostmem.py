@@ -18,6 +18,7 @@ from vlmbatch.generation import GenerationSettings
 from vlmbatch.model.loading import load_model, resolve_checkpoint
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+PAGES = (48 << 20) // 4096  # one round's block
 
 # Allocate, write and free a 48 MiB tensor (above the 32 MiB ceiling of glibc's own mmap threshold)
 # again and again, and count the page faults once the process has settled: with glibc's defaults
@@ -46,9 +47,8 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout
     got = json.loads(out)
     assert got["applied"] is True
-    pages = (48 << 20) // 4096
-    assert got["default"] > 6 * pages  # glibc maps each block afresh: every round faults its pages in
-    assert got["kept"] < pages  # the heap has room for it: the block is reused
+    assert got["default"] > 6 * PAGES  # glibc maps each block afresh: every round faults its pages in
+    assert got["kept"] < PAGES  # the heap has room for it: the block is reused
     assert hostmem.keep_freed_memory() is True  # and in this process too
 
 
@@ -64,7 +64,7 @@ def test_an_environment_that_sets_malloc_keeps_its_settings():
     out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, env=env).stdout
     got = json.loads(out)
     assert got["applied"] is False
-    assert got["kept"] > 6 * (48 << 20) // 4096  # glibc's own behaviour
+    assert got["kept"] > 6 * PAGES  # glibc's own behaviour
 
 
 def test_does_nothing_off_linux(monkeypatch):

@@ -17,7 +17,7 @@ or glibc.malloc tunables in GLIBC_TUNABLES) keeps them: that is also how to swit
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 
@@ -28,18 +28,14 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 << 20
 TRIM_THRESHOLD = 1 << 30
 
-_applied: bool | None = None
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed blocks for reuse instead of returning them to the kernel
     (once per process). True where it took; False where the environment sets malloc up itself and on
     other C libraries and systems, where it does nothing."""
-    global _applied
-    if _applied is None:
-        settings = {M_MMAP_THRESHOLD: MMAP_THRESHOLD, M_TRIM_THRESHOLD: TRIM_THRESHOLD}
-        _applied = not user_tuned_malloc() and _mallopt(settings)
-    return _applied
+    settings = {M_MMAP_THRESHOLD: MMAP_THRESHOLD, M_TRIM_THRESHOLD: TRIM_THRESHOLD}
+    return not user_tuned_malloc() and _mallopt(settings)
 
 
 def user_tuned_malloc(environ=os.environ) -> bool:
@@ -52,8 +48,7 @@ def _mallopt(params: dict[int, int]) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt  # glibc's; musl has none
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library's; a non-glibc one refuses or has none
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
