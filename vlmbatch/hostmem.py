@@ -53,4 +53,5 @@ def _mallopt(params: dict[int, int]) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
+    # A list, not a generator: every setting is applied even if one is refused.
     return all([mallopt(param, value) == 1 for param, value in params.items()])
