@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 from factory import broken_images, photo_variants, real_photos
 from vlmbatch.cli import app
 from vlmbatch.engine import Engine, ImageWork
-from vlmbatch.generation import GenerationSettings
 from vlmbatch.images import load_resized
 from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.siglip import SiglipVisionTower
 from vlmbatch.pipeline import default_workers
 from vlmbatch.processor import Processor
+from vlmbatch.spec import GenerationSettings
 
 runner = CliRunner()
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import test_eval_data
 from typer.testing import CliRunner
 
 from factory import real_photos
 from vlmbatch.cli import app
 
 runner = CliRunner()
+vqa_folder = test_eval_data.vqa_folder
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +95,37 @@ def test_generate_then_score_vqav2(tmp_path, ckpt):
     assert len(answers) == 6
     items = pq.read_table(per_item).to_pylist()
     assert {str(r["question_id"]) for r in items} == {str(q["question_id"]) for q in questions}
+
+
+def test_commands_that_run_no_model_do_not_import_torch(vqa_folder, tmp_path):
+    """`--help`, a mistaken job spec and scoring saved predictions need no model: each, in a fresh
+    interpreter, exits as it should without importing torch (2-3 s of a small CPU's start-up)."""
+    predictions = tmp_path / "answers.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question_id": "42000", "answer": "yes", "error": None}]), predictions)
+    bad_spec = tmp_path / "job.toml"
+    bad_spec.write_text('task = "caption"\nsource = "photos"\nout = "caps.parquet"\nbatch_sise = 8\n')
+    scores = tmp_path / "scores.json"
+    code = """
+import sys
+from vlmbatch.__main__ import main
+sys.argv = ["vlmbatch", *sys.argv[1:]]
+try:
+    main()
+    status = 0
+except SystemExit as done:
+    status = done.code or 0
+print("exit", status, "torch imported" if "torch" in sys.modules else "no torch")
+"""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+
+    for args in (["--help"], ["eval", "--help"],
+                 ["eval", "--dataset", "vqav2", "--data", str(vqa_folder), "--predictions", str(predictions),
+                  "--out", str(scores)]):
+        done = run(*args)
+        assert done.stdout.splitlines()[-1] == "exit 0 no torch", (args, done.stdout, done.stderr)
+    assert json.loads(scores.read_text())["overall"] == 100.0  # the one question answered, answered right
+    done = run("run", str(bad_spec))
+    assert done.stdout.splitlines()[-1] == "exit 2 no torch", done.stderr
+    assert "unknown keys batch_sise" in done.stderr

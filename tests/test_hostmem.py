@@ -14,8 +14,8 @@ import torch
 from vlmbatch import engine as engine_module
 from vlmbatch import hostmem
 from vlmbatch.engine import Engine
-from vlmbatch.generation import GenerationSettings
 from vlmbatch.model.loading import load_model, resolve_checkpoint
+from vlmbatch.spec import GenerationSettings
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 PAGES = (48 << 20) // 4096  # one round's block

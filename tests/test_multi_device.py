@@ -8,8 +8,8 @@ import torch
 
 from factory import broken_images, real_photos
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.generation import GenerationSettings
 from vlmbatch.pipeline import Job, JobSpec, resolve_devices, run_job
+from vlmbatch.spec import GenerationSettings
 
 
 @pytest.fixture(scope="module")

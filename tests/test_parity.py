@@ -10,13 +10,13 @@ from PIL import Image, ImageOps
 from factory import photo_variants
 from vlmbatch import engine as engine_module
 from vlmbatch.engine import Engine, EngineStats, ImageWork
-from vlmbatch.generation import GenerationSettings
 from vlmbatch.images import load_image, resize_square
 from vlmbatch.model import blocks
-from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.gemma import KVCache
+from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.paligemma import NextTokens, Prompts
 from vlmbatch.processor import Processor
+from vlmbatch.spec import GenerationSettings
 
 VARIANTS = ["pg1_tied", "pg1_untied", "pg2"]
 PROMPTS = ["caption en", "answer en what is in the image?", "detect cat ; dog", "caption es", "ocr"]

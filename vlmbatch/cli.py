@@ -6,7 +6,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -15,12 +15,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vlmbatch import __version__
-from vlmbatch.engine import graphs_apply
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.generation import GenerationSettings
-from vlmbatch.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, Job, JobSpec, Summary
-from vlmbatch.sinks import skip_pyarrows_pandas_probe
-from vlmbatch.sources import Source
+from vlmbatch.spec import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, GenerationSettings, JobSpec
+
+if TYPE_CHECKING:
+    from vlmbatch.pipeline import Job, Summary
+
+# torch, the model and the pipeline are imported by the commands that run a model, not here: `--help`,
+# `--version`, a bad flag or spec, and scoring saved predictions answer without them (vlmbatch.spec).
 
 app = typer.Typer(
     name="vlmbatch",
@@ -126,7 +128,10 @@ def run(
     from vlmbatch.jobspec import load_job_spec
 
     with _fatal_errors(debug):
-        _run(Job(load_job_spec(spec_file, _parse_overrides(overrides))), quiet)
+        spec = load_job_spec(spec_file, _parse_overrides(overrides))
+        from vlmbatch.pipeline import Job
+
+        _run(Job(spec), quiet)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -185,6 +190,9 @@ def eval_(
         generation = _generation(max_new_tokens, num_beams, temperature, top_p, seed)
 
         def generate(task, records, questions, out_path: Path) -> Path:
+            from vlmbatch.pipeline import Job
+            from vlmbatch.sources import Source
+
             default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
             spec = JobSpec(task=task, source=data or dataset, out=out_path, model=model, batch_size=batch_size,
                            prompt=prompt or default_prompt, prompt_template=prompt or default_prompt,
@@ -215,7 +223,11 @@ def _run_command(task: str, flags: dict) -> None:
     quiet, debug = flags.pop("quiet"), flags.pop("debug")
     with _fatal_errors(debug):
         generation = _generation(*(flags.pop(name) for name in _GENERATION_FLAGS))
-        job = Job(JobSpec(task=task, generation=generation, **flags))
+        spec = JobSpec(task=task, generation=generation, **flags)
+        from vlmbatch.pipeline import Job
+        from vlmbatch.sinks import skip_pyarrows_pandas_probe
+
+        job = Job(spec)
         skip_pyarrows_pandas_probe()  # after the source is open: a dataset source has imported pandas itself
         _run(job, quiet)
 
@@ -254,6 +266,8 @@ def _error_line(message: str) -> None:
 
 
 def _run(job: Job, quiet: bool) -> Summary:
+    from vlmbatch.engine import graphs_apply
+
     spec = job.spec
     if not quiet:
         fast_path = {"onednn": ", oneDNN matmuls", "onednn+gelu": ", oneDNN matmuls + GELU"}.get(job.cpu_matmul, "")

@@ -24,10 +24,11 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from vlmbatch.generation import GenerationSettings, TokenSelector, beam_search, finish
+from vlmbatch.generation import TokenSelector, beam_search, finish
 from vlmbatch.hostmem import keep_freed_memory
 from vlmbatch.model.paligemma import NextTokens, PaliGemma, Prompts
 from vlmbatch.processor import Processor
+from vlmbatch.spec import GenerationSettings
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Decoding rules: generation settings, next-token selection, and beam search.
+"""Decoding rules: next-token selection and beam search (the settings are `vlmbatch.spec`'s).
 
 Greedy and sampling are per-token rules that the continuous-batching `Engine` applies to whatever rows
 are live. Beam search couples a request's beams, so it runs on a static batch here; it follows
@@ -8,40 +8,12 @@ generated length, its early-stop heuristic), so outputs are token-identical to t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from vlmbatch.model.paligemma import PaliGemma
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 32
-    num_beams: int = 1
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    length_penalty: float = 1.0  # beam search only, as in transformers
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.num_beams < 1:
-            raise ValueError("num_beams must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.num_beams > 1 and self.temperature > 0:
-            raise ValueError("beam search with sampling is not supported: use --num-beams 1 with --temperature")
-
-    @property
-    def sampling(self) -> bool:
-        return self.temperature > 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from vlmbatch.spec import GenerationSettings
 
 
 class TokenSelector:

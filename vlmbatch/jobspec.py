@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.generation import GenerationSettings
-from vlmbatch.pipeline import JobSpec
+from vlmbatch.spec import GenerationSettings, JobSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

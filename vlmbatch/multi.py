@@ -18,8 +18,8 @@ import torch
 
 from vlmbatch.engine import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.generation import GenerationSettings
 from vlmbatch.model.loading import Checkpoint, load_model
+from vlmbatch.spec import GenerationSettings
 
 _POLL_SECONDS = 0.5
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,7 +19,6 @@ import torch
 from vlmbatch import __version__
 from vlmbatch.engine import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.generation import GenerationSettings
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
 from vlmbatch.model.loading import Checkpoint, default_dtype, load_model, resolve_checkpoint
 from vlmbatch.multi import WorkerSpec, cpu_threads_per_worker, run_on_devices
@@ -28,11 +27,9 @@ from vlmbatch.questions import group_by_image, load_questions
 from vlmbatch.records import ImageRecord, Question
 from vlmbatch.sinks import ParquetSink
 from vlmbatch.sources import Source, open_source
+from vlmbatch.spec import JobSpec
 from vlmbatch.workers import decode_stream
 
-DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
-DEFAULT_CAPTION_PROMPT = "caption en"
-DEFAULT_VQA_TEMPLATE = "answer en {question}"
 SINGLE_QUESTION_ID = "0"
 MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
 
@@ -48,36 +45,6 @@ VQA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("question_id", pa.
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    task: str  # "caption" | "vqa"
-    source: str
-    out: Path
-    model: str = DEFAULT_MODEL
-    prompt: str = DEFAULT_CAPTION_PROMPT  # caption
-    prompt_template: str = DEFAULT_VQA_TEMPLATE  # vqa
-    questions: str | None = None  # vqa: JSONL / CSV / Parquet file
-    question: str | None = None  # vqa: one question for every image
-    split: str | None = None
-    image_column: str | None = None
-    id_column: str | None = None
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    batch_size: int = 16  # KV-cache slots: sequences decoded together
-    device: str = "auto"
-    devices: str | None = None  # several devices, one engine process each: "cuda:0,cuda:1" or "all"
-    dtype: str | None = None
-    cpu_matmul: str = "auto"  # float32 on a CPU: one of blocks.CPU_MATMULS; "auto": the fastest here
-    cuda_graph: bool = True  # on CUDA, greedy: each decode step is one replay of a captured CUDA graph
-    limit: int | None = None  # at most this many new images this run
-    overwrite: bool = False
-    workers: int | None = None  # decode processes; 0 decodes in the main process; None: see default_workers
-    flush_rows: int = 256  # rows buffered before a part file is written (what a kill can cost)
-
-    @property
-    def answer_column(self) -> str:
-        return "caption" if self.task == "caption" else "answer"
 
 
 @dataclass
