@@ -128,10 +128,7 @@ def run(
     from vlmbatch.jobspec import load_job_spec
 
     with _fatal_errors(debug):
-        spec = load_job_spec(spec_file, _parse_overrides(overrides))
-        from vlmbatch.pipeline import Job
-
-        _run(Job(spec), quiet)
+        _run(_job(load_job_spec(spec_file, _parse_overrides(overrides))), quiet)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -190,7 +187,6 @@ def eval_(
         generation = _generation(max_new_tokens, num_beams, temperature, top_p, seed)
 
         def generate(task, records, questions, out_path: Path) -> Path:
-            from vlmbatch.pipeline import Job
             from vlmbatch.sources import Source
 
             default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
@@ -199,7 +195,7 @@ def eval_(
                            device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, cuda_graph=cuda_graph,
                            overwrite=overwrite, workers=workers, generation=generation)
             source = Source(description=f"{dataset} {split or ''}".strip(), size=None, records=lambda: iter(records))
-            _run(Job(spec, source=source, questions=questions), quiet)
+            _run(_job(spec, source=source, questions=questions), quiet)
             return out_path
 
         generating = predictions is None
@@ -223,11 +219,9 @@ def _run_command(task: str, flags: dict) -> None:
     quiet, debug = flags.pop("quiet"), flags.pop("debug")
     with _fatal_errors(debug):
         generation = _generation(*(flags.pop(name) for name in _GENERATION_FLAGS))
-        spec = JobSpec(task=task, generation=generation, **flags)
-        from vlmbatch.pipeline import Job
+        job = _job(JobSpec(task=task, generation=generation, **flags))
         from vlmbatch.sinks import skip_pyarrows_pandas_probe
 
-        job = Job(spec)
         skip_pyarrows_pandas_probe()  # after the source is open: a dataset source has imported pandas itself
         _run(job, quiet)
 
@@ -263,6 +257,13 @@ def _fatal_errors(debug: bool) -> Iterator[None]:
 def _error_line(message: str) -> None:
     """One line, never wrapped, whatever the terminal's width (scripts grep for it)."""
     console.print(f"[red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def _job(spec: JobSpec, **given) -> Job:
+    """The pipeline's Job for `spec`; the one place the CLI imports the pipeline, and torch with it."""
+    from vlmbatch.pipeline import Job
+
+    return Job(spec, **given)
 
 
 def _run(job: Job, quiet: bool) -> Summary:
