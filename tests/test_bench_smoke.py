@@ -38,6 +38,9 @@ def test_throughput_benchmark_runs_both_sides(tmp_path):
         assert figures["loop_images_per_second"] is None or figures["loop_images_per_second"] > 0
         assert figures["peak_rss_mb"] > 50 and figures["peak_tree_rss_mb"] > 50  # a Python with torch
     assert r["speedup_whole_process"] > 0
+    ours = r["vlmbatch"]  # a resume with nothing to do loads no model: the fixed cost adds the timed load
+    assert ours["nothing_to_do_seconds"] > 0 and ours["model_load_seconds"] > 0
+    assert ours["fixed_seconds"] == pytest.approx(ours["nothing_to_do_seconds"] + ours["model_load_seconds"], abs=0.02)
     assert len(r["paired_speedups"]) == 1 and r["paired_speedup_median"] == pytest.approx(
         r["transformers"]["seconds"] / r["vlmbatch"]["seconds"], rel=0.01)  # one repeat: the pair is the best of each
     assert r["compared"] == 4 and r["errors"] == 0

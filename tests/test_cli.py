@@ -312,6 +312,30 @@ def test_rerun_processes_only_new_images(folder, tmp_path, ckpt, monkeypatch):
     assert second["new/coins-copy.PNG"] is not None
 
 
+def test_rerun_with_nothing_to_generate_loads_no_model(folder, tmp_path, ckpt, monkeypatch):
+    """A scheduled job over a folder that did not change, or that only gained broken files, must not
+    pay for loading the weights (seconds to minutes for a real checkpoint) or starting device workers."""
+    import vlmbatch.pipeline
+
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt)
+    before = rows(out)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded with nothing to generate")
+
+    monkeypatch.setattr(vlmbatch.pipeline, "load_model", refuse)
+    monkeypatch.setattr(vlmbatch.pipeline, "run_on_devices", refuse)
+    caption(folder, out, ckpt)
+    caption(folder, out, ckpt, "--devices", "cpu,cpu")
+    assert rows(out) == before
+    broken = broken_images(folder / "broken")
+    caption(folder, out, ckpt)
+    after = {r["id"]: r for r in rows(out)}
+    assert len(after) == len(before) + len(broken)
+    assert all(after[f"broken/{path.name}"]["error"] for path in broken.values())
+
+
 def test_overwrite_and_settings_mismatch(folder, tmp_path, ckpt):
     out = tmp_path / "caps.parquet"
     caption(folder, out, ckpt, "--limit", 2)

@@ -6,6 +6,7 @@ re-running the same command resumes a stopped run, and over a grown folder proce
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -259,8 +260,12 @@ class Job:
                     if prompts:
                         yield ImageWork(pixels, prompts)
 
-            for completion in self._generate(work()):
-                save([self._completion_row(pending.pop(completion.key), completion)], tokens=len(completion.tokens))
+            stream = work()
+            first = next(stream, None)  # the model loads only once an image needs it: a resumed run over an
+            if first is not None:  # unchanged folder, or one whose new files are all broken, loads nothing
+                for completion in self._generate(itertools.chain([first], stream)):
+                    save([self._completion_row(pending.pop(completion.key), completion)],
+                         tokens=len(completion.tokens))
             leftovers = self.unmatched_question_rows(done)
             save(leftovers, errors=len(leftovers))
         summary.seconds = time.monotonic() - started
