@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from factory import broken_images, photo_variants, real_photos
+from factory import broken_images, drop_tensor, photo_variants, real_photos
 from vlmbatch.cli import app
 from vlmbatch.engine import Engine, ImageWork
 from vlmbatch.images import load_resized
@@ -287,6 +287,19 @@ def test_fatal_mistakes_are_one_line(case, args, message, folder, tmp_path, ckpt
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (case, result.output)
     assert "Traceback" not in result.output
+
+
+def test_a_broken_checkpoint_stops_the_run_before_any_row(folder, tmp_path, ckpt):
+    """The weights load only once an image needs them, but a checkpoint that cannot load is refused
+    up front: broken images met first get no error rows written under a model that never ran."""
+    broken_ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpt, broken_ckpt)
+    drop_tensor(broken_ckpt, "layers.0.mlp.up_proj")
+    broken_images(folder / "0-broken")  # walked first
+    out = tmp_path / "o.parquet"
+    result = caption(folder, out, broken_ckpt, expect=2)
+    assert "missing tensors: text.layers.0.mlp.up_proj.weight" in result.output
+    assert not out.exists() and not list(Path(str(out) + ".parts").glob("*.parquet"))
 
 
 def test_debug_shows_the_traceback(folder, tmp_path):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from factory import drop_tensor, make_bin_checkpoint, make_checkpoint
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.config import PaliGemmaConfig
-from vlmbatch.model.loading import canonical_name, load_model, resolve_checkpoint
+from vlmbatch.model.loading import canonical_name, check_weights, load_model, resolve_checkpoint
 
 
 def state(path):
@@ -46,19 +48,51 @@ def test_pickle_checkpoint_is_refused(tmp_path):
         load_model(resolve_checkpoint(str(tmp_path)))
 
 
-def test_missing_tensor_is_named(tmp_path):
+# Each broken checkpoint is refused alike by the header-only check a job runs up front and by the load.
+CHECKS = [pytest.param(lambda path: check_weights(resolve_checkpoint(str(path))), id="check_weights"),
+          pytest.param(lambda path: load_model(resolve_checkpoint(str(path))), id="load_model")]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_missing_tensor_is_named(tmp_path, check):
     make_checkpoint(tmp_path, "pg1_untied", "hub", image_size=28)
     dropped = drop_tensor(tmp_path, "layers.1.mlp.up_proj")
     with pytest.raises(VlmbatchError, match=r"missing tensors: text\.layers\.1\.mlp\.up_proj\.weight"):
-        load_model(resolve_checkpoint(str(tmp_path)))
+        check(tmp_path)
     assert "up_proj" in dropped
 
 
-def test_untied_checkpoint_without_head_is_an_error(tmp_path):
+@pytest.mark.parametrize("check", CHECKS)
+def test_untied_checkpoint_without_head_is_an_error(tmp_path, check):
     make_checkpoint(tmp_path, "pg1_untied", "hub", image_size=28)
     drop_tensor(tmp_path, "lm_head")
     with pytest.raises(VlmbatchError, match="missing tensors: lm_head.weight"):
-        load_model(resolve_checkpoint(str(tmp_path)))
+        check(tmp_path)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_shapes_that_disagree_with_the_config_are_named(tmp_path, check):
+    make_checkpoint(tmp_path, "pg1_untied", "hub", image_size=28)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VlmbatchError, match=r"shapes do not match the config: text\.layers\.0\.mlp\.\w+_proj"
+                                            r"\.weight \(\d+, \d+\) \(expected"):
+        check(tmp_path)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_a_weight_file_cut_short_is_named(tmp_path, check):
+    make_checkpoint(tmp_path, "pg1_untied", "hub", image_size=28)
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(VlmbatchError, match=rf"cannot read {weights.name} .*delete the file and fetch it again"):
+        check(tmp_path)
+
+
+def test_a_sound_checkpoint_passes_the_check(make_ckpt):
+    for variant in ("pg1_tied", "pg1_untied", "pg2"):
+        check_weights(resolve_checkpoint(str(make_ckpt(variant, "transformers", image_size=28).path)))
 
 
 def test_missing_local_model_and_offline_hub_id(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from vlmbatch import __version__
 from vlmbatch.engine import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
-from vlmbatch.model.loading import Checkpoint, default_dtype, load_model, resolve_checkpoint
+from vlmbatch.model.loading import Checkpoint, check_weights, default_dtype, load_model, resolve_checkpoint
 from vlmbatch.multi import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.processor import Processor
 from vlmbatch.questions import group_by_image, load_questions
@@ -139,6 +139,7 @@ class Job:
         self.cpu_matmul = resolve_cpu_matmul(spec.cpu_matmul, self.device, self.dtype)
         self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
         self.config = self.checkpoint.config
+        check_weights(self.checkpoint)  # the weights themselves load once an image needs them
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
         self.sink = ParquetSink(

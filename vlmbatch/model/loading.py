@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.blocks import choose_cpu_matmul, use_onednn
@@ -142,12 +142,21 @@ def read_state_dict(checkpoint: Checkpoint, device: str | torch.device = "cpu") 
     """All used tensors of the checkpoint under canonical names."""
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint.weight_files():
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _open_weights(checkpoint, file, device) as f:
             for name in f.keys():
                 target = canonical_name(name)
                 if target is not None:
                     state[target] = f.get_tensor(name)
     return state
+
+
+def _open_weights(checkpoint: Checkpoint, file: Path, device: str | torch.device = "cpu"):
+    """`safe_open` of one weight file, a file it cannot read (cut short, say) named in a VlmbatchError."""
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise VlmbatchError(f"{checkpoint.name}: cannot read {file.name} ({exc}); if a download was "
+                            "interrupted, delete the file and fetch it again") from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -162,12 +171,11 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     cfg = checkpoint.config
-    with torch.device("meta"), _skip_random_init():
-        model = PaliGemma(cfg)
+    model = _meta_model(cfg)
     state = read_state_dict(checkpoint, device)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: the head is the embedding matrix
-    _check_names(checkpoint, model, state)
+    _check_tensors(checkpoint, model, {name: tuple(t.shape) for name, t in state.items()})
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.text.embed_tokens.weight
@@ -205,11 +213,34 @@ def _skip_random_init() -> Iterator[None]:
             setattr(torch.nn.init, name, function)
 
 
-def _check_names(checkpoint: Checkpoint, model: PaliGemma, state: dict[str, torch.Tensor]) -> None:
+def check_weights(checkpoint: Checkpoint) -> None:
+    """Raise what `load_model` would about the checkpoint's tensor names and shapes, reading only the
+    safetensors headers: a job checks this before any work starts, though it loads the weights only
+    once an image needs them."""
+    shapes = {}
+    for file in checkpoint.weight_files():
+        with _open_weights(checkpoint, file) as f:
+            for name in f.keys():
+                target = canonical_name(name)
+                if target is not None:
+                    shapes[target] = tuple(f.get_slice(name).get_shape())
+    if checkpoint.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    _check_tensors(checkpoint, _meta_model(checkpoint.config), shapes)
+
+
+def _meta_model(cfg: PaliGemmaConfig) -> PaliGemma:
+    """The model's structure, without memory, to load weights into or to check them against."""
+    with torch.device("meta"), _skip_random_init():
+        return PaliGemma(cfg)
+
+
+def _check_tensors(checkpoint: Checkpoint, model: PaliGemma, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The checkpoint's tensors (canonical name → shape; a tied head left out) against the model's."""
     expected = {name for name, _ in model.named_parameters()}
     if model.cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    missing, unexpected = sorted(expected - shapes.keys()), sorted(shapes.keys() - expected)
     problems = []
     if missing:
         problems.append(f"missing tensors: {_some(missing)}")
@@ -218,8 +249,8 @@ def _check_names(checkpoint: Checkpoint, model: PaliGemma, state: dict[str, torc
     if problems:
         raise VlmbatchError(f"{checkpoint.name}: weights do not match the config ({'; '.join(problems)})")
     params = dict(model.named_parameters())
-    wrong = [f"{n} {tuple(t.shape)} (expected {tuple(params[n].shape)})"
-             for n, t in state.items() if t.shape != params[n].shape]
+    wrong = [f"{n} {shape} (expected {tuple(params[n].shape)})"
+             for n, shape in shapes.items() if shape != tuple(params[n].shape)]
     if wrong:
         raise VlmbatchError(f"{checkpoint.name}: tensor shapes do not match the config: {_some(wrong)}")
 
