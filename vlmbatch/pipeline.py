@@ -2,6 +2,7 @@
 
 The job knows which ids the output already holds and sends only the others through the model, so
 re-running the same command resumes a stopped run, and over a grown folder processes only new images.
+The weights are checked up front but loaded only once an image needs them.
 """
 
 from __future__ import annotations
@@ -261,9 +262,11 @@ class Job:
                     if prompts:
                         yield ImageWork(pixels, prompts)
 
+            # The model loads only once an image needs it: a rerun over an unchanged folder, or over one
+            # whose new files are all broken, loads nothing.
             stream = work()
-            first = next(stream, None)  # the model loads only once an image needs it: a resumed run over an
-            if first is not None:  # unchanged folder, or one whose new files are all broken, loads nothing
+            first = next(stream, None)
+            if first is not None:
                 for completion in self._generate(itertools.chain([first], stream)):
                     save([self._completion_row(pending.pop(completion.key), completion)],
                          tokens=len(completion.tokens))
