@@ -140,23 +140,23 @@ def canonical_name(name: str) -> str | None:
 
 def read_state_dict(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All used tensors of the checkpoint under canonical names."""
-    state: dict[str, torch.Tensor] = {}
+    return {target: f.get_tensor(name) for f, name, target in _used_tensors(checkpoint, device)}
+
+
+def _used_tensors(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> Iterator[tuple[safe_open, str, str]]:
+    """(open weight file, name in it, canonical name) of each tensor PaliGemma uses. A file safetensors
+    cannot read (one cut short, say) is named in a VlmbatchError."""
     for file in checkpoint.weight_files():
-        with _open_weights(checkpoint, file, device) as f:
+        try:
+            handle = safe_open(file, framework="pt", device=str(device))
+        except (SafetensorError, OSError) as exc:
+            raise VlmbatchError(f"{checkpoint.name}: cannot read {file.name} ({exc}); if a download was "
+                                "interrupted, delete the file and fetch it again") from None
+        with handle as f:
             for name in f.keys():
                 target = canonical_name(name)
                 if target is not None:
-                    state[target] = f.get_tensor(name)
-    return state
-
-
-def _open_weights(checkpoint: Checkpoint, file: Path, device: str | torch.device = "cpu"):
-    """`safe_open` of one weight file, a file it cannot read (cut short, say) named in a VlmbatchError."""
-    try:
-        return safe_open(file, framework="pt", device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise VlmbatchError(f"{checkpoint.name}: cannot read {file.name} ({exc}); if a download was "
-                            "interrupted, delete the file and fetch it again") from None
+                    yield f, name, target
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -217,13 +217,7 @@ def check_weights(checkpoint: Checkpoint) -> None:
     """Raise what `load_model` would about the checkpoint's tensor names and shapes, reading only the
     safetensors headers: a job checks this before any work starts, though it loads the weights only
     once an image needs them."""
-    shapes = {}
-    for file in checkpoint.weight_files():
-        with _open_weights(checkpoint, file) as f:
-            for name in f.keys():
-                target = canonical_name(name)
-                if target is not None:
-                    shapes[target] = tuple(f.get_slice(name).get_shape())
+    shapes = {target: tuple(f.get_slice(name).get_shape()) for f, name, target in _used_tensors(checkpoint)}
     if checkpoint.config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     _check_tensors(checkpoint, _meta_model(checkpoint.config), shapes)
