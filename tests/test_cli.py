@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -267,6 +268,14 @@ def test_summary_counts_errors(tmp_path, ckpt):
     broken_images(root)
     result = invoke("caption", root, "--out", tmp_path / "b.parquet", "--model", ckpt, "--workers", 0)
     assert "errors" in result.output and str(len(list(root.iterdir()))) in result.output
+
+
+def test_a_log_gets_a_progress_line_that_says_what_was_read_and_what_written(folder, tmp_path, ckpt):
+    """Off a terminal (cron, a log file) progress is a plain line every 10 s, the first at once."""
+    result = invoke("caption", folder, "--out", tmp_path / "p.parquet", "--model", ckpt, "--max-new-tokens", 4,
+                    "--workers", 0)
+    line = next(line for line in result.output.splitlines() if line.startswith("caption: "))
+    assert re.fullmatch(r"caption: \d+(/\d+)? images read, \d+ rows written, 0 errors, [\d.]+ img/s", line), line
 
 
 @pytest.mark.parametrize("case, args, message", [

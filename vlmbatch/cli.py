@@ -306,7 +306,7 @@ def _progress(job: Job, quiet: bool):
         if now - last[0] >= 10:
             last[0] = now
             of = f"/{total}" if total else ""
-            print(f"{job.spec.task}: {s.images}{of} images, {s.written} rows, {s.errors} errors, "
+            print(f"{job.spec.task}: {s.images}{of} images read, {s.written} rows written, {s.errors} errors, "
                   f"{s.images_per_second:.1f} img/s", file=sys.stderr, flush=True)
 
     yield plain
