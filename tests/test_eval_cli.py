@@ -70,6 +70,23 @@ def test_generate_then_score_captions_and_resume(coco_folder, tmp_path, ckpt):
 
 
 @pytest.mark.slow
+def test_a_limited_eval_runs_the_model_on_the_first_images_and_a_full_one_resumes_it(coco_folder, tmp_path, ckpt):
+    scores = tmp_path / "scores.json"
+    args = ["eval", "--dataset", "coco", "--data", coco_folder, "--out", scores, "--model", ckpt,
+            "--metrics", "bleu", "--max-new-tokens", 4, "--workers", 0, "--quiet"]
+    result = invoke(*args, "--limit", 2)
+    predictions = scores.with_name("scores.predictions.parquet")
+    assert sorted(r["id"] for r in pq.read_table(predictions).to_pylist()) == ["1", "2"]
+    report = json.loads(scores.read_text())
+    assert (report["covered"], report["total"], report["limit"], report["split_total"]) == (2, 2, 2, 4)
+    assert "Limited to the first 2 of the split's 4 images (--limit)" in " ".join(result.output.split())
+    invoke(*args)  # the whole split: the two generated images are kept, the other two added
+    assert sorted(r["id"] for r in pq.read_table(predictions).to_pylist()) == ["1", "2", "3", "4"]
+    report = json.loads(scores.read_text())
+    assert (report["covered"], report["total"]) == (4, 4) and "limit" not in report
+
+
+@pytest.mark.slow
 def test_generate_then_score_vqav2(tmp_path, ckpt):
     root = tmp_path / "vqa"
     (root / "val2014").mkdir(parents=True)

@@ -12,7 +12,7 @@ import test_eval_data
 from rich.console import Console
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.eval_data import load_vqa_set
+from vlmbatch.eval_data import CaptionItem, CaptionSet, load_vqa_set
 from vlmbatch.evaluate import EvalRequest, caption_metric_families, render_report, run_eval
 from vlmbatch.metrics import spice as spice_module
 from vlmbatch.metrics.captions import score_captions
@@ -147,6 +147,58 @@ def test_generation_path_for_vqa(vqa_folder, tmp_path):
     assert [r.id for r in records] == ["42", "73"]
     assert [(q.image, q.question_id) for q in questions] == [("42", "42000"), ("42", "42001"), ("73", "73000")]
     assert report.scores["perAnswerType"] == {"yes/no": 100.0, "number": 0.0, "other": 0.0}
+
+
+def test_limit_generates_and_scores_only_the_first_images(coco_folder, tmp_path):
+    generate = FakeGenerate()
+    out = tmp_path / "coco.json"
+    report = run_eval(EvalRequest(dataset="coco", data=str(coco_folder), out=out, metrics=["bleu"], limit=1),
+                      generate)
+    _, records, _, _ = generate.calls[0]
+    assert [r.id for r in records] == ["42"]
+    alone = score_captions({"42": [f"caption {n} of image 42" for n in range(5)]},
+                           {"42": "caption 2 of image 42"}, metrics=("Bleu",))
+    assert report.scores == alone.corpus
+    assert (report.covered, report.total, report.split_total, report.partial) == (1, 1, 2, False)
+    assert report.notes() == ["Limited to the first 1 of the split's 2 images (--limit): a quick check, "
+                              "not comparable with full-split results."]
+    written = json.loads(out.read_text())
+    assert (written["covered"], written["total"], written["limit"], written["split_total"]) == (1, 1, 1, 2)
+    report = run_eval(EvalRequest(dataset="coco", data=str(coco_folder), out=tmp_path / "all.json", metrics=["bleu"],
+                                  limit=5), generate)
+    assert report.split_total is None and report.total == 2 and not report.notes()  # a limit past the end
+
+
+def test_limit_on_saved_predictions_counts_the_rest_as_neither_unmatched_nor_missing(vqa_folder, tmp_path):
+    predictions = tmp_path / "answers.parquet"
+    answers = {"42000": "yes", "42001": "2", "73000": "blue"}
+    pq.write_table(pa.Table.from_pylist([{"question_id": q, "answer": a, "error": None}
+                                         for q, a in answers.items()]), predictions)
+    report = run_eval(EvalRequest(dataset="vqav2", data=str(vqa_folder), predictions=predictions, limit=2))
+    bench = load_vqa_set(vqa_folder)
+    assert report.scores == score_vqa(bench.items[:2], {q: answers[q] for q in ("42000", "42001")}).to_dict()
+    assert (report.covered, report.total, report.split_total, report.unmatched) == (2, 2, 3, 0)
+    assert len(report.notes()) == 1 and "first 2 of the split's 3 questions" in report.notes()[0]
+
+
+def test_a_limited_set_reads_only_its_own_lazy_images_and_stops_once_found():
+    read = []
+
+    def images():
+        for n in range(100):
+            read.append(n)
+            yield str(n), f"img{n}.jpg".encode()
+
+    items = [CaptionItem(str(n), f"{n}.jpg", ("a caption",)) for n in (3, 1, 7, 5)]
+    head = CaptionSet("coco", "test", "test data", items=items, image_source=images).head(3)
+    assert [item.image_id for item in head.items] == ["3", "1", "7"]
+    assert [(r.id, r.image) for r in head.records()] == [("1", b"img1.jpg"), ("3", b"img3.jpg"), ("7", b"img7.jpg")]
+    assert read == list(range(8))  # image 7 was the last wanted
+
+
+def test_limit_below_one_is_refused(coco_folder):
+    with pytest.raises(VlmbatchError, match="--limit must be at least 1"):
+        run_eval(EvalRequest(dataset="coco", data=str(coco_folder), metrics=["bleu"], limit=0), FakeGenerate())
 
 
 def test_generation_needs_images_and_a_generator(tmp_path, coco_folder):

@@ -154,6 +154,7 @@ def _scalar(value: str):
 @app.command("eval", epilog="""Examples:\n
   vlmbatch eval --dataset coco --data ./coco --split test --out scores.json       (generate, then score)\n
   vlmbatch eval --dataset coco --data dataset_coco.json --predictions caps.parquet (score only)\n
+  vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --limit 200         (a quick check)\n
   vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --predictions answers.parquet\n
   vlmbatch eval --provision-spice                                                  (fetch SPICE's CoreNLP jars)\n
 Without --predictions the model runs first (prompt "caption en" / "answer en {question}", greedy) and its
@@ -167,6 +168,7 @@ def eval_(
     per_item: Optional[Path] = typer.Option(None, "--per-item", help="Parquet with each item's scores."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset: bleu,meteor,rouge,cider,spice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA).'),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the split's first N items (images, or VQA questions): a quick check."),
     provision_spice: bool = typer.Option(False, "--provision-spice", help="Download SPICE's Stanford CoreNLP 3.6.0 jars into the cache."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
@@ -202,7 +204,7 @@ def eval_(
         request = EvalRequest(
             dataset=dataset, data=data, split=split, predictions=predictions, out=out, per_item=per_item,
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
-            model=model if generating else None,
+            model=model if generating else None, limit=limit,
             settings={"prompt": prompt, "generation": generation.as_dict()} if generating else {})
         report = run_eval(request, generate if generating else None)
         render_report(report, Console())

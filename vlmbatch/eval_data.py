@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -110,6 +110,24 @@ class _EvalSet(Generic[ItemT]):
 
     def has_images(self) -> bool:
         return self.image_source is not None or any(item.image is not None for item in self.items)
+
+    def head(self, n: int) -> "_EvalSet[ItemT]":
+        """The same set cut to its first n items (images for captions, questions for VQA); its lazy
+        images are only theirs, and reading them stops once every one was found."""
+        items = self.items[:n]
+        lazy = self.image_source
+        wanted = {item.image_id for item in items if item.image is None}
+
+        def head_images() -> Iterator[tuple[str, ImageRef]]:
+            left = set(wanted)
+            for image_id, image in (lazy() if left else ()):
+                if image_id in left:
+                    left.discard(image_id)
+                    yield image_id, image
+                    if not left:
+                        return
+
+        return replace(self, items=items, image_source=head_images if lazy is not None else None)
 
 
 @dataclass
@@ -524,6 +542,11 @@ class Predictions:
     failed: int = 0
     unmatched: int = 0
     duplicates: int = 0
+
+    def only(self, ids: Iterable[str]) -> "Predictions":
+        """The texts for these ids alone (the items a --limit run scores); the counts stay the file's."""
+        keep = set(ids)
+        return replace(self, texts={key: text for key, text in self.texts.items() if key in keep})
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -72,6 +72,7 @@ class EvalRequest:
     metrics: list[str] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    limit: int | None = None  # score only the split's first `limit` items: a quick check
 
 
 @dataclass
@@ -93,16 +94,21 @@ class EvalReport:
     model: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    split_total: int | None = None  # items in the whole split, when --limit scored fewer
 
     @property
     def partial(self) -> bool:
         return self.covered < self.total
 
     def notes(self) -> list[str]:
-        """One line per thing a reader must know to interpret the scores (partial coverage, skipped metrics)."""
+        """One line per thing a reader must know to interpret the scores (limit, partial coverage,
+        skipped metrics)."""
         lines = []
+        unit = "images" if self.task == "caption" else "questions"
+        if self.split_total is not None:
+            lines.append(f"Limited to the first {self.total:,} of the split's {self.split_total:,} {unit} "
+                         "(--limit): a quick check, not comparable with full-split results.")
         if self.partial:
-            unit = "images" if self.task == "caption" else "questions"
             why = f" ({self.failed} prediction rows failed)" if self.failed else ""
             lines.append(f"Partial coverage: scored {self.covered:,} of {self.total:,} {unit} "
                          f"({100 * self.covered / self.total:.1f}%); {self.total - self.covered:,} have no "
@@ -119,6 +125,8 @@ class EvalReport:
         data: dict[str, Any] = {**self.scores, "dataset": self.dataset, "split": self.split, "task": self.task,
                                 "source": self.source, "n_items": self.covered, "covered": self.covered,
                                 "total": self.total, "predictions": self.predictions}
+        if self.split_total is not None:
+            data.update(limit=self.total, split_total=self.split_total)
         if self.failed or self.unmatched:
             data.update(failed_predictions=self.failed, unmatched_predictions=self.unmatched)
         if self.skipped:
@@ -239,11 +247,19 @@ def run_eval(request: EvalRequest, generate: GenerateFn | None = None, *,
     """Evaluate as `request` says; see the module docstring. Raises VlmbatchError on user mistakes."""
     task = _task(request.dataset)
     metrics = caption_metric_families(request.metrics) if task == "caption" else ()
-    bench: CaptionSet | VqaSet = (load_caption_set(request.dataset, request.data, request.split)
+    if request.limit is not None and request.limit < 1:
+        raise VlmbatchError(f"--limit must be at least 1, not {request.limit}")
+    split: CaptionSet | VqaSet = (load_caption_set(request.dataset, request.data, request.split)
                                   if task == "caption" else load_vqa_set(request.data, request.split))
+    limited = request.limit is not None and request.limit < len(split.items)
+    bench = split.head(request.limit) if limited else split
     path = _predictions_file(request, task, bench, generate)
-    predictions = (load_caption_predictions(path, bench) if isinstance(bench, CaptionSet)
-                   else load_vqa_predictions(path, bench))
+    # Read against the whole split, so that a file's predictions beyond the limit are not "unmatched".
+    predictions = (load_caption_predictions(path, split) if isinstance(split, CaptionSet)
+                   else load_vqa_predictions(path, split))
+    if limited:
+        predictions = predictions.only(item.image_id if task == "caption" else item.question_id
+                                       for item in bench.items)
     _check_coverage(predictions, path, bench)
 
     if isinstance(bench, CaptionSet):
@@ -259,7 +275,8 @@ def run_eval(request: EvalRequest, generate: GenerateFn | None = None, *,
         dataset=request.dataset, task=task, split=bench.split, source=bench.source, scores=scores,
         covered=len(predictions.texts), total=len(bench.items), predictions=str(path),
         failed=predictions.failed, unmatched=predictions.unmatched, skipped=skipped,
-        model=request.model, settings=dict(request.settings), timings=timings)
+        model=request.model, settings=dict(request.settings), timings=timings,
+        split_total=len(split.items) if limited else None)
     if request.out is not None:
         write_scores_json(request.out, report)
     if request.per_item is not None:
