@@ -40,6 +40,26 @@ def test_run_command_resumes_over_a_growing_folder(tmp_path, make_ckpt):
     assert sorted(r["id"] for r in pq.read_table(tmp_path / "alt.parquet").to_pylist()) == ["a.png", "b.png"]
 
 
+def test_generation_settings_are_set_at_either_level_and_overridden_by_either_name(tmp_path):
+    spec = tmp_path / "job.toml"
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nmax_new_tokens = 12\n'
+                    '[generation]\nnum_beams = 2\n')
+    job = load_job_spec(spec)
+    assert (job.generation.max_new_tokens, job.generation.num_beams) == (12, 2)
+    job = load_job_spec(spec, {"max_new_tokens": 5, "generation.num_beams": 1, "batch_size": 4})
+    assert (job.generation.max_new_tokens, job.generation.num_beams, job.batch_size) == (5, 1, 4)
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nmax_new_tokens = 12\n'
+                    '[generation]\nmax_new_tokens = 8\n')
+    with pytest.raises(VlmbatchError, match="max_new_tokens is set both at the top level and in"):
+        load_job_spec(spec)
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\ngeneration = 3\n')
+    with pytest.raises(VlmbatchError, match=r"generation must be a table \(\[generation\]\)"):
+        load_job_spec(spec)
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\n')
+    with pytest.raises(VlmbatchError, match="unknown keys generation.beams"):
+        load_job_spec(spec, {"generation.beams": 2})
+
+
 def test_spec_errors_are_clear(tmp_path):
     spec = tmp_path / "bad.toml"
     spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\ncolour = "blue"\n[generation]\nbeams = 2\n')
@@ -52,3 +72,8 @@ def test_spec_errors_are_clear(tmp_path):
         load_job_spec(tmp_path / "none.toml")
     result = CliRunner().invoke(app, ["run", str(spec), "--set", "oops"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_run_help_shows_the_generation_table_rich_would_swallow_as_markup():
+    result = CliRunner().invoke(app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "under [generation]" in result.output, result.output

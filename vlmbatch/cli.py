@@ -118,7 +118,8 @@ def vqa(
 @app.command(epilog="""Examples:\n
   vlmbatch run pipelines/alt_text_nightly.toml\n
   vlmbatch run pipelines/alt_text_nightly.toml --set limit=100 --set device=cuda:1\n
-A spec holds the flags of `caption` / `vqa` as TOML keys (generation settings under [generation]).""")
+A spec holds the flags of `caption` / `vqa` as TOML keys (generation settings at the top level or under \\[generation]);
+--set overrides any of them, named as the flag is (max-new-tokens=48).""")
 def run(
     spec_file: Path = typer.Argument(..., help="A job spec, e.g. pipelines/alt_text_nightly.toml."),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE overriding the spec (repeatable)."),

@@ -26,7 +26,9 @@ _GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationSettings)}
 
 
 def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
-    """Read a TOML job spec; `overrides` (flag-like keys) win over the file."""
+    """Read a TOML job spec; `overrides` (flag-like keys) win over the file. Generation settings may sit
+    in a [generation] table or at the top level, as their flags are named; an override names them
+    either way (`max_new_tokens` or `generation.max_new_tokens`)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -35,7 +37,18 @@ def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     except tomllib.TOMLDecodeError as exc:
         raise VlmbatchError(f"{path}: invalid TOML: {exc}") from None
     generation = raw.pop("generation", {})
-    raw.update(overrides or {})
+    if not isinstance(generation, dict):
+        raise VlmbatchError(f"{path}: generation must be a table ([generation])")
+    for key in sorted(_GENERATION_KEYS & raw.keys()):
+        if key in generation:
+            raise VlmbatchError(f"{path}: {key} is set both at the top level and in [generation]")
+        generation[key] = raw.pop(key)
+    for key, value in (overrides or {}).items():
+        name = key.removeprefix("generation.")
+        if name in _GENERATION_KEYS:
+            generation[name] = value
+        else:
+            raw[key] = value
     unknown = sorted(set(raw) - _JOB_KEYS) + sorted(f"generation.{k}" for k in set(generation) - _GENERATION_KEYS)
     if unknown:
         raise VlmbatchError(f"{path}: unknown keys {', '.join(unknown)}")
