@@ -309,8 +309,9 @@ def _progress(job: Job, quiet: bool):
         if now - last[0] >= 10:
             last[0] = now
             of = f"/{total}" if total else ""
+            rate = s.written / s.seconds if s.seconds else 0.0  # of rows done: images read run ahead of them
             print(f"{job.spec.task}: {s.images}{of} images read, {s.written} rows written, {s.errors} errors, "
-                  f"{s.images_per_second:.1f} img/s", file=sys.stderr, flush=True)
+                  f"{rate:.1f} rows/s", file=sys.stderr, flush=True)
 
     yield plain
 
