@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlmbatch.errors import VlmbatchError
+from vlmbatch.errors import ImageDecodeError, VlmbatchError
 from vlmbatch.images import load_image
 from vlmbatch.sources import open_source
 
@@ -265,3 +265,18 @@ def test_hub_failures_become_one_line(monkeypatch, error: Exception, message: st
     with pytest.raises(VlmbatchError, match=message) as info:
         open_source("x/y")
     assert "\n" not in str(info.value)
+
+
+def test_each_unreadable_image_gets_its_own_reason(broken_image_files):
+    reasons = {"truncated_jpeg": "cannot decode image", "empty_jpg": "empty file",
+               "text_as_png": "not an image Pillow can identify", "decompression_bomb": "decompression-bomb limit"}
+    assert set(reasons) == set(broken_image_files)
+    for name, path in broken_image_files.items():
+        with pytest.raises(ImageDecodeError, match=reasons[name]):
+            load_image(path)
+    with pytest.raises(ImageDecodeError, match=r"^no image data \(an empty or missing value\)$"):
+        load_image(b"")
+    with pytest.raises(ImageDecodeError, match="^https URLs are not fetched: download the images first"):
+        load_image("https://example.com/cat.jpg")
+    with pytest.raises(ImageDecodeError, match="^file not found$"):
+        load_image(str(broken_image_files["empty_jpg"]) + ".gone")

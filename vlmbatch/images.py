@@ -38,8 +38,14 @@ def load_image(ref: ImageRef) -> Image.Image:
     """Open `ref` (path, bytes or PIL image), apply EXIF orientation, return an RGB image.
 
     Raises `ImageDecodeError` with a short reason for anything that is not a readable image: empty or
-    truncated files, other file types, images over Pillow's decompression-bomb limit.
+    truncated files, other file types, images over Pillow's decompression-bomb limit, URLs (which are
+    not fetched).
     """
+    if isinstance(ref, (bytes, bytearray)) and not ref:
+        raise ImageDecodeError("no image data (an empty or missing value)")
+    if isinstance(ref, str) and "://" in ref:
+        raise ImageDecodeError(f"{ref.split('://')[0]} URLs are not fetched: download the images first "
+                               "(e.g. with img2dataset) and list their paths")
     try:
         if isinstance(ref, Image.Image):
             image = ref
@@ -58,6 +64,8 @@ def load_image(ref: ImageRef) -> Image.Image:
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
     except Image.UnidentifiedImageError:
+        if not isinstance(ref, (bytes, bytearray)) and os.path.getsize(ref) == 0:
+            raise ImageDecodeError("empty file") from None
         raise ImageDecodeError("not an image Pillow can identify") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
