@@ -311,6 +311,11 @@ def test_unwritable_outputs_fail_at_construction(tmp_path: Path) -> None:
     (tmp_path / "a-dir").mkdir()
     with pytest.raises(VlmbatchError, match="is a directory"):
         open_sink(tmp_path / "a-dir")
+    with pytest.raises(VlmbatchError, match=r"a \.CSV file, but vlmbatch writes Parquet: name it .*caps\.parquet"):
+        open_sink(tmp_path / "caps.CSV")
+    assert not list(tmp_path.glob("caps*"))  # nothing was created for it, not even a lock
+    for name in ("caps.parquet", "caps.pq", "caps", "caps.v2.parquet"):
+        open_sink(tmp_path / name).close()
 
 
 def test_permission_denied_fails_at_construction(tmp_path: Path, monkeypatch) -> None:

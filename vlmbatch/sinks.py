@@ -52,6 +52,9 @@ WRITTEN_AT_KEY = "vlmbatch.written_at"
 MERGE_ROW_GROUP_ROWS = 65_536
 _PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
 _OVERWRITE_HINT = "use --overwrite to replace it or a different --out"
+# Output names that promise another format than the Parquet written (a CSV named file would be unreadable).
+_OTHER_FORMATS = frozenset({".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".txt", ".xlsx", ".xls", ".arrow",
+                            ".feather", ".orc", ".avro"})
 _UNSET = object()  # a setting absent on one side of a comparison
 
 
@@ -183,6 +186,10 @@ class ParquetSink:
         if self.path.is_dir():
             example = self.path / "results.parquet"
             raise VlmbatchError(f"output {self.path} is a directory; give a file path such as {example}")
+        if self.path.suffix.lower() in _OTHER_FORMATS:
+            raise VlmbatchError(f"output {self.path} is named as a {self.path.suffix} file, but vlmbatch writes "
+                                f"Parquet: name it {self.path.with_suffix('.parquet')} (pandas, polars and DuckDB "
+                                "read it and can write it out as CSV or JSON)")
         with _output_errors(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
