@@ -66,3 +66,16 @@ def test_a_failing_worker_stops_the_run_with_one_line(tmp_path, ckpt):
     job.checkpoint = type(job.checkpoint)(tmp_path / "missing-dir", "broken")  # workers fail to load it
     with pytest.raises(VlmbatchError, match="worker on cpu failed"):
         job.run()
+
+
+def test_a_worker_killed_by_sigkill_is_said_to_be_most_likely_out_of_memory():
+    from types import SimpleNamespace
+
+    from vlmbatch.multi import _check_alive
+
+    _check_alive([SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=0)], ["cpu", "cpu"])
+    with pytest.raises(VlmbatchError, match=r"^worker on cuda:1 died \(exit code -9\) \(killed: most likely by the "
+                                            r"kernel, out of memory\)$"):
+        _check_alive([SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=-9)], ["cuda:0", "cuda:1"])
+    with pytest.raises(VlmbatchError, match=r"^worker on cpu died \(exit code 1\)$"):
+        _check_alive([SimpleNamespace(exitcode=1)], ["cpu"])

@@ -26,6 +26,7 @@ import torch
 
 from vlmbatch.generation import TokenSelector, beam_search, finish
 from vlmbatch.hostmem import keep_freed_memory
+from vlmbatch.memory import check_fits, kv_cache_bytes
 from vlmbatch.model.paligemma import NextTokens, PaliGemma, Prompts
 from vlmbatch.processor import Processor
 from vlmbatch.spec import GenerationSettings
@@ -202,7 +203,10 @@ class Engine:
     # -- greedy / sampling: continuous batching ---------------------------------------------------
     def _run_continuous(self, requests: Iterator[_Request]) -> Iterator[Completion]:
         s, steps, dev = self.slots, self.settings.max_new_tokens, self.device
-        cache = self.model.allocate_cache(s, self.max_prompt_len + steps)
+        width = self.max_prompt_len + steps
+        cache_bytes = kv_cache_bytes(self.model.cfg.text, s, width, self.model.dtype)
+        check_fits(dev, {f"KV cache ({s} slots x {width} tokens)": cache_bytes}, "lower --batch-size")
+        cache = self.model.allocate_cache(s, width)
         st = _Slots.allocate(s, steps, self.pad, dev)
         decode_all = self._static_decode(cache, st)
         owner: dict[int, Hashable] = {}  # occupied slot → request key (live, or finished and not yet reaped)

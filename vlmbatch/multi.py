@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -103,7 +104,8 @@ def _put(tasks, item, stop: threading.Event) -> bool:
 def _check_alive(workers, devices) -> None:
     for index, process in enumerate(workers):
         if process.exitcode not in (None, 0):
-            raise VlmbatchError(f"worker on {devices[index]} died (exit code {process.exitcode})")
+            why = " (killed: most likely by the kernel, out of memory)" if process.exitcode == -signal.SIGKILL else ""
+            raise VlmbatchError(f"worker on {devices[index]} died (exit code {process.exitcode}){why}")
 
 
 def _worker(index: int, device: str, spec: WorkerSpec, tasks, results) -> None:

@@ -22,6 +22,7 @@ from vlmbatch import __version__
 from vlmbatch.engine import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
+from vlmbatch.memory import PROCESS_OVERHEAD, available_bytes, kv_cache_bytes, not_enough
 from vlmbatch.model.loading import Checkpoint, check_weights, default_dtype, load_model, resolve_checkpoint
 from vlmbatch.multi import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.processor import Processor
@@ -140,7 +141,9 @@ class Job:
         self.cpu_matmul = resolve_cpu_matmul(spec.cpu_matmul, self.device, self.dtype)
         self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
         self.config = self.checkpoint.config
-        check_weights(self.checkpoint)  # the weights themselves load once an image needs them
+        parameters = check_weights(self.checkpoint)  # the weights themselves load once an image needs them
+        if self.device.type == "cpu":  # on CUDA the engine checks its cache, once the weights are in
+            self._check_host_memory(parameters)
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
         self.sink = ParquetSink(
@@ -148,6 +151,30 @@ class Job:
             key=("id",) if spec.task == "caption" else ("id", "question_id"),
             settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite,
             flush_rows=spec.flush_rows)
+
+    def _check_host_memory(self, parameters: int) -> None:
+        """Stop before any work when the weights and KV cache of every CPU worker cannot fit."""
+        available = available_bytes(self.device)
+        workers, slots = len(self.devices), self.spec.batch_size
+        max_len = self.max_prompt_len + self.spec.generation.max_new_tokens
+        if self.cpu_matmul != "torch" and self.config.tie_word_embeddings:
+            parameters += self.config.text.vocab_size * self.config.text.hidden_size  # oneDNN's copy of the head
+        weights = parameters * self.dtype.itemsize * workers
+        cache = kv_cache_bytes(self.config.text, slots, max_len, self.dtype) * workers
+        overhead = PROCESS_OVERHEAD * workers
+        if available is None or weights + cache + overhead <= available:
+            return
+        each = f", {workers} workers" if workers > 1 else ""
+        slots_that_fit = (available - weights - overhead) * slots // cache
+        if slots_that_fit >= 1:
+            remedy = f"lower --batch-size to at most {slots_that_fit}"
+        elif self.dtype == torch.float32:
+            remedy = "--dtype bfloat16 halves the weights (its outputs differ a little from float32's)"
+        else:
+            remedy = "the model needs a machine with more memory"
+        needs = {f"weights ({str(self.dtype).removeprefix('torch.')}{each})": weights,
+                 f"KV cache ({slots} slots x {max_len} tokens{each})": cache, "runtime": overhead}
+        raise not_enough(self.device, needs, available, remedy)
 
     def _questions(self) -> dict[str, list[Question]] | None:
         spec = self.spec

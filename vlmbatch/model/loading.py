@@ -213,14 +213,16 @@ def _skip_random_init() -> Iterator[None]:
             setattr(torch.nn.init, name, function)
 
 
-def check_weights(checkpoint: Checkpoint) -> None:
+def check_weights(checkpoint: Checkpoint) -> int:
     """Raise what `load_model` would about the checkpoint's tensor names and shapes, reading only the
     safetensors headers: a job checks this before any work starts, though it loads the weights only
-    once an image needs them."""
+    once an image needs them. Returns the model's number of parameters (a tied head counted once)."""
     shapes = {target: tuple(f.get_slice(name).get_shape()) for f, name, target in _used_tensors(checkpoint)}
     if checkpoint.config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    _check_tensors(checkpoint, _meta_model(checkpoint.config), shapes)
+    model = _meta_model(checkpoint.config)
+    _check_tensors(checkpoint, model, shapes)
+    return sum(param.numel() for param in model.parameters())
 
 
 def _meta_model(cfg: PaliGemmaConfig) -> PaliGemma:
