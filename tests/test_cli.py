@@ -358,6 +358,26 @@ def test_rerun_with_nothing_to_generate_loads_no_model(folder, tmp_path, ckpt, m
     assert all(after[f"broken/{path.name}"]["error"] for path in broken.values())
 
 
+def test_a_seeded_sampled_run_resumed_or_spread_over_workers_gives_the_same_captions(folder, tmp_path, ckpt):
+    sampled = ("--temperature", 1.0, "--seed", 11, "--batch-size", 4)
+    whole = tmp_path / "whole.parquet"
+    caption(folder, whole, ckpt, *sampled)
+    resumed = tmp_path / "resumed.parquet"
+    caption(folder, resumed, ckpt, *sampled, "--limit", 2)
+    caption(folder, resumed, ckpt, *sampled, "--batch-size", 1)  # the rest, one slot at a time
+    spread = tmp_path / "spread.parquet"
+    caption(folder, spread, ckpt, *sampled, "--devices", "cpu,cpu")
+    greedy = tmp_path / "greedy.parquet"
+    caption(folder, greedy, ckpt)
+
+    def captions(path):
+        return {r["id"]: r["caption"] for r in rows(path)}
+
+    assert len(captions(whole)) == 6 and captions(whole) != captions(greedy)
+    assert captions(resumed) == captions(whole)
+    assert captions(spread) == captions(whole)
+
+
 def test_overwrite_and_settings_mismatch(folder, tmp_path, ckpt):
     out = tmp_path / "caps.parquet"
     caption(folder, out, ckpt, "--limit", 2)

@@ -355,11 +355,37 @@ def test_sliding_window_layers_match_reference(make_ckpt, images, cpu_matmul):
         assert engine_generate(model, processor, [image], [prompt], GenerationSettings(max_new_tokens=12)) == [expected[0]]
 
 
-def test_sampling_is_reproducible_with_a_seed(ckpt_pg1_untied, images):
+def test_sampling_is_reproducible_with_a_seed_whatever_the_batching(ckpt_pg1_untied, images):
+    """A request's draws depend on the seed, its key and its step only: not on its slot, its batch
+    mates or whether its prefill rode with other rows' decode steps."""
     model, processor = ours(ckpt_pg1_untied)
     settings = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123)
     first = engine_generate(model, processor, images, PROMPTS, settings)
-    again = engine_generate(model, processor, images, PROMPTS, settings)
+    assert engine_generate(model, processor, images, PROMPTS, settings) == first
+    for slots in (1, 2, 3):
+        assert engine_generate(model, processor, images, PROMPTS, settings, slots=slots) == first, slots
+    assert engine_generate(model, processor, images[2:], PROMPTS[2:], settings) != first[2:]  # keys are indices
+    other_seed = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=124)
+    assert engine_generate(model, processor, images, PROMPTS, other_seed) != first
     greedy = engine_generate(model, processor, images, PROMPTS, GenerationSettings(max_new_tokens=8))
-    assert first == again
     assert first != greedy
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_sampled_tokens_follow_the_tempered_nucleus_distribution(temperature, top_p):
+    """Many requests (streams) drawing from the same logits: the frequencies are softmax(logits / T)
+    renormalised over the top-p set (transformers' TopPLogitsWarper keeps the same set)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from vlmbatch.generation import TokenSelector
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.9]])
+    kept = TopPLogitsWarper(top_p)(None, logits / temperature) if top_p < 1 else logits / temperature
+    expected = torch.softmax(kept, dim=-1)[0].double()
+    select = TokenSelector(GenerationSettings(temperature=temperature, top_p=top_p, seed=5), torch.device("cpu"))
+    n = 40_000
+    tokens = select(logits.expand(n, -1), torch.arange(n), torch.full((n,), 3))
+    frequency = torch.bincount(tokens, minlength=logits.shape[-1]).double() / n
+    bound = 5 * (expected * (1 - expected) / n).sqrt() + 1e-12  # 5 standard errors
+    assert ((frequency - expected).abs() <= bound).all(), (frequency, expected)
+    assert (frequency[expected == 0] == 0).all()

@@ -24,7 +24,7 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from vlmbatch.generation import TokenSelector, beam_search, finish
+from vlmbatch.generation import TokenSelector, beam_search, finish, stream_id
 from vlmbatch.hostmem import keep_freed_memory
 from vlmbatch.memory import check_fits, kv_cache_bytes
 from vlmbatch.model.paligemma import NextTokens, PaliGemma, Prompts
@@ -63,13 +63,15 @@ class _Slots:
     count: torch.Tensor  # [S] tokens generated so far
     done: torch.Tensor  # [S] no live sequence (free, or finished and not yet reaped)
     out: torch.Tensor  # [S, steps + 1] generated tokens; the last column takes the writes of dead rows
+    stream: torch.Tensor  # [S] the sampler's stream of each slot's request (`generation.stream_id`)
 
     @classmethod
     def allocate(cls, slots: int, steps: int, pad: int, device: torch.device) -> "_Slots":
         def filled(*shape, value=0, dtype=torch.long):
             return torch.full(shape, value, dtype=dtype, device=device)
         return cls(token=filled(slots, value=pad), col=filled(slots), count=filled(slots),
-                   done=filled(slots, value=True, dtype=torch.bool), out=filled(slots, steps + 1, value=pad))
+                   done=filled(slots, value=True, dtype=torch.bool), out=filled(slots, steps + 1, value=pad),
+                   stream=filled(slots))
 
 
 @dataclass
@@ -249,8 +251,9 @@ class Engine:
             prefill_logits, decode_logits = self.model.step(cache, Prompts(ids, lengths, features, rows), decode)
             if decode is not None:
                 self._advance(st, live, decode_logits)
-            first = self.select(prefill_logits)
-            st.token[rows], st.col[rows], st.count[rows] = first, lengths, 1
+            streams = torch.tensor([stream_id(r.key) for r in group], device=dev)
+            first = self.select(prefill_logits, streams, torch.zeros_like(streams))
+            st.token[rows], st.col[rows], st.count[rows], st.stream[rows] = first, lengths, 1, streams
             st.out[rows, 0] = first
             st.done[rows] = (first == self.eos) | (steps == 1)
             owner.update({int(r): req.key for r, req in zip(rows.tolist(), group)})
@@ -271,7 +274,7 @@ class Engine:
     def _advance(self, st: _Slots, live: torch.Tensor, logits: torch.Tensor) -> None:
         """Record the next token of each live row among the first len(live) slots (no host sync)."""
         hi, steps = len(live), self.settings.max_new_tokens
-        nxt = torch.where(live, self.select(logits), self.pad)
+        nxt = torch.where(live, self.select(logits, st.stream[:hi], st.count[:hi]), self.pad)
         st.out[:hi].scatter_(1, torch.where(live, st.count[:hi], steps)[:, None], nxt[:, None])
         st.token[:hi] = nxt
         st.col[:hi] += live.long()

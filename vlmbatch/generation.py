@@ -8,7 +8,10 @@ generated length, its early-stop heuristic), so outputs are token-identical to t
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 
@@ -17,23 +20,67 @@ from vlmbatch.spec import GenerationSettings
 
 
 class TokenSelector:
-    """Greedy argmax, or temperature + nucleus (top-p) sampling from a seeded generator."""
+    """Greedy argmax, or temperature + nucleus (top-p) sampling.
+
+    A sampled token depends only on the seed, its request's stream id and its step: the draw is the
+    Gumbel-max trick (argmax of logits/T + Gumbel noise, an exact sample from softmax(logits/T) over
+    the top-p set) with noise from a counter-based hash of (seed, stream, step, token id). So the same
+    seed gives the same captions whatever the batch size, slot, device or order, and a resumed run
+    samples the rest exactly as one uninterrupted run would have.
+    """
 
     def __init__(self, settings: GenerationSettings, device: torch.device):
         self.settings = settings
-        self.generator = None
-        if settings.sampling:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+        seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.seed = _mix(torch.tensor([_signed(seed & _MASK64)], dtype=torch.int64))
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, streams: torch.Tensor | None = None,
+                 steps: torch.Tensor | None = None) -> torch.Tensor:
+        """The next token of each row of `logits` [B, V]; sampling needs each row's `streams` and
+        `steps` ([B] int64: its request's `stream_id` and how many tokens it has generated)."""
         if not self.settings.sampling:
             return logits.argmax(dim=-1)
-        logits = logits / self.settings.temperature
+        logits = logits.float() / self.settings.temperature
         if self.settings.top_p < 1.0:
             logits = top_p_filter(logits, self.settings.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        return (logits + gumbel_noise(self.seed.to(logits.device), streams, steps, logits.shape[-1])).argmax(dim=-1)
+
+
+def stream_id(key: Hashable) -> int:
+    """A request's stream of random draws: a stable 64-bit hash of its key (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps, as in C)."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def gumbel_noise(seed: torch.Tensor, streams: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise [B, vocab], a pure function of (seed, streams[b], steps[b], token id)."""
+    row = _mix(_mix(seed ^ streams.to(torch.int64)) ^ steps.to(torch.int64))  # [B]
+    tokens = torch.arange(vocab, device=row.device, dtype=torch.int64)
+    bits = _mix(row[:, None] ^ _mix(tokens)[None, :])
+    uniform = (_shr(bits, 11).double() + 0.5) / float(1 << 53)  # in (0, 1)
+    return -torch.log(-torch.log(uniform)).float()
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
