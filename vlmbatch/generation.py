@@ -32,7 +32,7 @@ class TokenSelector:
     def __init__(self, settings: GenerationSettings, device: torch.device):
         self.settings = settings
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.seed = _mix(torch.tensor([_signed(seed & _MASK64)], dtype=torch.int64))
+        self.seed = _mix(torch.tensor([_signed(seed & _MASK64)], dtype=torch.int64, device=device))
 
     def __call__(self, logits: torch.Tensor, streams: torch.Tensor | None = None,
                  steps: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,7 +43,7 @@ class TokenSelector:
         logits = logits.float() / self.settings.temperature
         if self.settings.top_p < 1.0:
             logits = top_p_filter(logits, self.settings.top_p)
-        return (logits + gumbel_noise(self.seed.to(logits.device), streams, steps, logits.shape[-1])).argmax(dim=-1)
+        return (logits + gumbel_noise(self.seed, streams, steps, logits.shape[-1])).argmax(dim=-1)
 
 
 def stream_id(key: Hashable) -> int:
