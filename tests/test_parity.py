@@ -382,7 +382,7 @@ def test_sampled_tokens_follow_the_tempered_nucleus_distribution(temperature, to
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.9]])
     kept = TopPLogitsWarper(top_p)(None, logits / temperature) if top_p < 1 else logits / temperature
     expected = torch.softmax(kept, dim=-1)[0].double()
-    select = TokenSelector(GenerationSettings(temperature=temperature, top_p=top_p, seed=5), torch.device("cpu"))
+    select = TokenSelector(GenerationSettings(temperature=temperature, top_p=top_p, seed=5))
     n = 40_000
     tokens = select(logits.expand(n, -1), torch.arange(n), torch.full((n,), 3))
     frequency = torch.bincount(tokens, minlength=logits.shape[-1]).double() / n

@@ -141,7 +141,7 @@ class Engine:
         # Prefill once this many slots are free (or all that wait, if fewer do): a prefill of one prompt
         # multiplies the weights by ~260 rows, too few for the matrix units to run at full speed.
         self.admit_at = admit_at or max(1, max_slots // 4)
-        self.select = TokenSelector(settings, self.device)
+        self.select = TokenSelector(settings)
         self.stats = EngineStats()
         if self.device.type == "cpu":  # each step's activations reuse the last step's pages
             keep_freed_memory()

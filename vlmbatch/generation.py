@@ -29,10 +29,11 @@ class TokenSelector:
     samples the rest exactly as one uninterrupted run would have.
     """
 
-    def __init__(self, settings: GenerationSettings, device: torch.device):
+    def __init__(self, settings: GenerationSettings):
         self.settings = settings
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.seed = _mix(torch.tensor([_signed(seed & _MASK64)], dtype=torch.int64, device=device))
+        self._seed = _signed(seed & _MASK64)
+        self._mixed_seed: torch.Tensor | None = None  # made on the logits' device at the first draw
 
     def __call__(self, logits: torch.Tensor, streams: torch.Tensor | None = None,
                  steps: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,7 +44,9 @@ class TokenSelector:
         logits = logits.float() / self.settings.temperature
         if self.settings.top_p < 1.0:
             logits = top_p_filter(logits, self.settings.top_p)
-        return (logits + gumbel_noise(self.seed, streams, steps, logits.shape[-1])).argmax(dim=-1)
+        if self._mixed_seed is None:
+            self._mixed_seed = _mix(torch.tensor([self._seed], dtype=torch.int64, device=logits.device))
+        return (logits + gumbel_noise(self._mixed_seed, streams, steps, logits.shape[-1])).argmax(dim=-1)
 
 
 def stream_id(key: Hashable) -> int:
