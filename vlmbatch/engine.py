@@ -251,7 +251,9 @@ class Engine:
             prefill_logits, decode_logits = self.model.step(cache, Prompts(ids, lengths, features, rows), decode)
             if decode is not None:
                 self._advance(st, live, decode_logits)
-            streams = torch.tensor([stream_id(r.key) for r in group], device=dev)
+            # The sampler's streams; greedy decoding reads none, so it builds no host tensor to copy over.
+            streams = (torch.tensor([stream_id(r.key) for r in group], device=dev) if self.settings.sampling
+                       else torch.zeros(len(group), dtype=torch.long, device=dev))
             first = self.select(prefill_logits, streams, torch.zeros_like(streams))
             st.token[rows], st.col[rows], st.count[rows], st.stream[rows] = first, lengths, 1, streams
             st.out[rows, 0] = first

@@ -9,6 +9,7 @@ at once with the figures and what to change.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.config import TextConfig
+from vlmbatch.model.gemma import KVCache
 
 GB = 1 << 30
 # Beside weights and cache, each engine process holds torch itself, the tokenizer and a step's
@@ -25,9 +27,8 @@ _CGROUP = Path("/sys/fs/cgroup")
 
 
 def kv_cache_bytes(cfg: TextConfig, slots: int, max_len: int, dtype: torch.dtype) -> int:
-    """Bytes of `gemma.KVCache.allocate(cfg, slots, max_len, ...)`: keys and values of every layer."""
-    per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (max_len + 1) * cfg.head_dim
-    return slots * per_slot * dtype.itemsize
+    """Bytes of `KVCache.allocate(cfg, slots, max_len, ...)`: keys and values of every layer."""
+    return 2 * cfg.num_hidden_layers * math.prod(KVCache.shape(cfg, slots, max_len)) * dtype.itemsize
 
 
 def available_bytes(device: torch.device) -> int | None:

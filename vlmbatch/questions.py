@@ -94,14 +94,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _question(path: Path, index: int, row: Mapping[str, Any]) -> Question:
     """Validate one row (0-based `index`; messages count rows from 1) and build its `Question`."""
     for column in REQUIRED_COLUMNS:
-        value = row.get(column)
-        if column in row and (value is None or (isinstance(value, str) and not value.strip())):
-            raise VlmbatchError(f"questions file {path}, row {index + 1}: {column!r} is empty")
         if column not in row:
             raise VlmbatchError(
                 f"questions file {path}, row {index + 1}: missing {column!r} "
                 f"(required columns: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(map(str, row))})"
             )
+        value = row[column]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise VlmbatchError(f"questions file {path}, row {index + 1}: {column!r} is empty")
     image = row["image"]
     if not isinstance(image, (str, int)) or isinstance(image, bool):
         raise VlmbatchError(f"questions file {path}, row {index + 1}: 'image' must be a path or an id")

@@ -39,9 +39,14 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
 
+    @staticmethod
+    def shape(cfg: TextConfig, slots: int, max_len: int) -> tuple[int, int, int, int]:
+        """One layer's keys (or values): [slots, kv_heads, max_len + 1, head_dim]."""
+        return (slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)
+
     @classmethod
     def allocate(cls, cfg: TextConfig, slots: int, max_len: int, device, dtype) -> "KVCache":
-        shape = (slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)
+        shape = cls.shape(cfg, slots, max_len)
         make = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]  # noqa: E731
         return cls(k=make(), v=make())
 
