@@ -356,6 +356,54 @@ def test_rerun_with_nothing_to_generate_loads_no_model(folder, tmp_path, ckpt, m
     after = {r["id"]: r for r in rows(out)}
     assert len(after) == len(before) + len(broken)
     assert all(after[f"broken/{path.name}"]["error"] for path in broken.values())
+    written = out.read_bytes()
+    caption(folder, out, ckpt)  # the broken files are tried again, fail the same way: nothing is rewritten
+    assert out.read_bytes() == written
+
+
+def test_an_image_that_failed_is_tried_again_by_the_next_run(folder, tmp_path, ckpt):
+    """A scheduled job can catch a file half copied: its error row must not be final. Once the file is
+    whole, the next run captions it, and the output still holds the id once."""
+    out = tmp_path / "caps.parquet"
+    whole = sorted(folder.rglob("*.jpg"))[0]
+    (folder / "late.jpg").write_bytes(whole.read_bytes()[:200])  # a copy cut short
+    caption(folder, out, ckpt)
+    first = {r["id"]: r for r in rows(out)}
+    assert first["late.jpg"]["error"] and first["late.jpg"]["caption"] is None
+    shutil.copy(whole, folder / "late.jpg")
+    result = invoke("caption", folder, "--out", out, "--model", ckpt, "--max-new-tokens", 8, "--workers", 0)
+    assert re.search(r"retried \(earlier errors\)\s*│\s*1\s", result.output), result.output
+    second = {r["id"]: r for r in rows(out)}
+    assert len(rows(out)) == len(first)
+    assert second["late.jpg"]["error"] is None
+    assert second["late.jpg"]["caption"] == direct_captions(ckpt, {"x": folder / "late.jpg"})["x"]
+    assert {k: v for k, v in second.items() if k != "late.jpg"} == {k: v for k, v in first.items() if k != "late.jpg"}
+
+
+def test_limit_counts_new_images_not_broken_ones_tried_again(folder, tmp_path, ckpt):
+    """Files that stay broken are retried by every run, but must not use up a run's --limit, or a job
+    that caps each run would retry them forever and never reach the rest of the folder."""
+    for name in ("0a.jpg", "0b.jpg"):  # walked first
+        (folder / name).write_bytes(b"not an image")
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt, "--limit", 2)
+    assert sorted(r["id"] for r in rows(out) if r["error"]) == ["0a.jpg", "0b.jpg"]
+    caption(folder, out, ckpt, "--limit", 2)
+    table = rows(out)
+    assert len(table) == 4 and sum(r["caption"] is not None for r in table) == 2
+
+def test_a_question_about_a_missing_image_is_answered_once_the_image_arrives(folder, tmp_path, ckpt):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": "later.jpg", "question": "what?"}) + "\n")
+    out = tmp_path / "a.parquet"
+    args = ["vqa", folder, "--questions", questions, "--out", out, "--model", ckpt, "--max-new-tokens", 4,
+            "--workers", 0, "--quiet"]
+    invoke(*args)
+    assert [(r["id"], r["error"]) for r in rows(out)] == [("later.jpg", "image not found in source")]
+    real_photos()["coins"].convert("RGB").save(folder / "later.jpg")
+    invoke(*args)
+    (row,) = rows(out)
+    assert row["id"] == "later.jpg" and row["error"] is None and row["answer"] is not None
 
 
 def test_a_seeded_sampled_run_resumed_or_spread_over_workers_gives_the_same_captions(folder, tmp_path, ckpt):

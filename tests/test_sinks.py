@@ -234,6 +234,100 @@ def test_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(out: Path) ->
     assert ids == sorted(ids)  # resumed runs continued where the previous one stopped
 
 
+
+# -- failed rows: tried again, replaced by what the retry gives ---------------------------------------
+FAILING = pa.schema([("id", pa.string()), ("caption", pa.string()), ("error", pa.string())])
+
+
+def open_failing_sink(out: Path, **options) -> ParquetSink:
+    options = {"key": ("id",), "failure_column": "error", "settings": SETTINGS, "flush_rows": 1, **options}
+    return ParquetSink(out, FAILING, **options)
+
+
+def ok(key: str, caption: str = "a cat") -> dict:
+    return {"id": key, "caption": caption, "error": None}
+
+
+def failed(key: str, reason: str = "not an image") -> dict:
+    return {"id": key, "caption": None, "error": reason}
+
+
+def table_of(out: Path) -> dict[str, dict]:
+    got = pq.read_table(out).to_pylist()
+    assert len(got) == len({r["id"] for r in got}), got  # each key exactly once
+    return {r.pop("id"): r for r in got}
+
+
+def test_a_failed_key_is_not_done_and_its_retry_replaces_it(out: Path) -> None:
+    with open_failing_sink(out) as sink:
+        sink.write([ok("a"), failed("b"), failed("c")])
+    with open_failing_sink(out) as sink:
+        assert sink.done_keys() == {("a",)} and sink.failed_keys == {("b",), ("c",)}
+        assert sink.write([ok("b", "a dog"), failed("c", "image file is truncated")]) == 2
+    assert table_of(out) == {"a": {"caption": "a cat", "error": None}, "b": {"caption": "a dog", "error": None},
+                             "c": {"caption": None, "error": "image file is truncated"}}
+
+
+def test_a_repeated_failure_rewrites_nothing(out: Path) -> None:
+    with open_failing_sink(out) as sink:
+        sink.write([ok("a"), failed("b")])
+    before = out.read_bytes()
+    with open_failing_sink(out) as sink:
+        sink.done_keys()
+        assert sink.write([failed("b")]) == 0
+    assert out.read_bytes() == before  # not even merged again: no part was written
+
+
+def test_a_success_is_never_replaced_by_a_later_failure(out: Path) -> None:
+    with open_failing_sink(out) as sink:
+        sink.write([ok("a"), failed("b"), ok("b", "first"), ok("b", "second"), failed("b", "later")])
+        sink.write([failed("a")])
+    assert table_of(out) == {"a": {"caption": "a cat", "error": None}, "b": {"caption": "first", "error": None}}
+    with open_failing_sink(out) as sink:
+        assert sink.done_keys() == {("a",), ("b",)} and sink.failed_keys == set()
+
+
+def test_retries_survive_a_crash_after_the_merge_replaced_out(out: Path, monkeypatch) -> None:
+    """The crash that leaves OUT and its parts both holding the retried rows: the next merge still keeps
+    one row per key, the retry's."""
+    with open_failing_sink(out) as sink:
+        sink.write([failed("a"), failed("b"), ok("c")])
+    sink = open_failing_sink(out)
+    assert sink.done_keys() == {("c",)}
+    sink.write([ok("a", "a dog"), failed("b", "still broken")])
+    real_unlink = Path.unlink
+
+    def dying_unlink(self, *args, **kwargs):
+        if self.name.startswith("part-"):
+            raise Crash
+        real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(Crash):
+        sink.close()
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    expected = {"a": {"caption": "a dog", "error": None}, "b": {"caption": None, "error": "still broken"},
+                "c": {"caption": "a cat", "error": None}}
+    assert table_of(out) == expected and len(list(sink.parts_dir.iterdir())) == 1
+    with open_failing_sink(out) as resumed:
+        assert resumed.done_keys() == {("a",), ("c",)} and resumed.failed_keys == {("b",)}
+    assert table_of(out) == expected and sidecars(out) == []
+
+
+def test_failures_left_in_parts_by_a_killed_run_are_retried(out: Path) -> None:
+    sink = open_failing_sink(out)
+    sink.write([failed("a"), ok("b")])
+    abandon(sink)
+    with open_failing_sink(out) as sink:
+        assert sink.done_keys() == {("b",)} and sink.failed_keys == {("a",)}
+        sink.write([ok("a")])
+    assert table_of(out) == {"a": {"caption": "a cat", "error": None}, "b": {"caption": "a cat", "error": None}}
+
+
+def test_failure_column_must_be_in_the_schema(out: Path) -> None:
+    with pytest.raises(ValueError, match="failure column 'reason'"):
+        open_failing_sink(out, failure_column="reason")
+
 def test_settings_mismatch_names_the_differences(out: Path) -> None:
     with open_sink(out) as sink:
         sink.write(rows(0, 2))

@@ -50,7 +50,7 @@ CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: oned
                             "auto: the fastest of the three on a quick check.")
 CudaGraphOpt = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
                             "each decode step as one captured CUDA graph; --no-cuda-graph runs it op by op.")
-LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images.")
+LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images (images whose last run gave an error are tried again besides).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
 SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
 ImageColOpt = typer.Option(None, "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
@@ -322,6 +322,8 @@ def _print_summary(summary: Summary) -> None:
     table.add_row("rows written", str(summary.written))
     table.add_row("errors", str(summary.errors))
     table.add_row("already done (skipped)", str(summary.already_done))
+    if summary.retried:
+        table.add_row("retried (earlier errors)", str(summary.retried))
     table.add_row("images processed", str(summary.images))
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("throughput", f"{summary.images_per_second:.2f} images/s")

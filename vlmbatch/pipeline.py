@@ -2,6 +2,7 @@
 
 The job knows which ids the output already holds and sends only the others through the model, so
 re-running the same command resumes a stopped run, and over a grown folder processes only new images.
+Ids whose row is an error (an image that could not be decoded) are tried again by every run.
 The weights are checked up front but loaded only once an image needs them.
 """
 
@@ -56,6 +57,7 @@ class Summary:
     written: int = 0
     errors: int = 0
     already_done: int = 0  # rows the output already held
+    retried: int = 0  # rows tried again because the output held only an error for them
     images_skipped: int = 0  # source records with nothing left to do
     images: int = 0
     seconds: float = 0.0
@@ -148,7 +150,7 @@ class Job:
         self.fingerprint = self.checkpoint.fingerprint()
         self.sink = ParquetSink(
             spec.out, CAPTION_SCHEMA if spec.task == "caption" else VQA_SCHEMA,
-            key=("id",) if spec.task == "caption" else ("id", "question_id"),
+            key=("id",) if spec.task == "caption" else ("id", "question_id"), failure_column="error",
             settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite,
             flush_rows=spec.flush_rows)
 
@@ -199,20 +201,23 @@ class Job:
                 "vlmbatch.source": self.spec.source}
 
     # -- work ------------------------------------------------------------------------------------
-    def items(self, done: set[tuple], summary: Summary) -> Iterator[_Item]:
-        """Images with rows still to produce, at most `limit` of them."""
-        produced = 0
+    def items(self, done: set[tuple], summary: Summary, failed: set[tuple] = frozenset()) -> Iterator[_Item]:
+        """Images with rows still to produce (none yet, or only an error in `failed`). At most `limit`
+        new ones: images tried again do not count, or files that stay broken would use up every run's."""
+        new = 0
         self.source_exhausted = False
         for record in self.source:
-            if self.spec.limit is not None and produced >= self.spec.limit:
+            if self.spec.limit is not None and new >= self.spec.limit:
                 return
             prompts = self._prompts(record)
             todo = [p for p in prompts if p[0] not in done]
+            retried = sum(key in failed for key, _, _ in todo)
             summary.already_done += len(prompts) - len(todo)
+            summary.retried += retried
             if not todo:
                 summary.images_skipped += 1
                 continue
-            produced += 1
+            new += retried < len(todo)
             yield _Item(record, todo)
         self.source_exhausted = True
 
@@ -252,13 +257,12 @@ class Job:
         started = time.monotonic()
         lock = threading.Lock()  # with several devices, error rows are saved from the feeder thread
         with self.sink as sink:
-            done = sink.done_keys()
+            done, failed = sink.done_keys(), sink.failed_keys
             pending: dict[tuple, tuple[str, Question | None, str]] = {}
 
             def save(rows: list[dict], errors: int = 0, tokens: int = 0) -> None:
                 with lock:
-                    sink.write(rows)
-                    summary.written += len(rows)
+                    summary.written += sink.write(rows)  # a failure the output already holds is not rewritten
                     summary.errors += errors
                     summary.generated_tokens += tokens
                     summary.seconds = time.monotonic() - started
@@ -266,7 +270,7 @@ class Job:
                         progress(summary)
 
             def work() -> Iterator[ImageWork]:
-                decoded = decode_stream(self.items(done, summary), lambda item: item.record.image,
+                decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image,
                                         self.config.vision.image_size, self.decode_workers)
                 for item, pixels in decoded:
                     summary.images += 1
@@ -298,6 +302,7 @@ class Job:
                     save([self._completion_row(pending.pop(completion.key), completion)],
                          tokens=len(completion.tokens))
             leftovers = self.unmatched_question_rows(done)
+            summary.retried += sum((row["id"], row["question_id"]) in failed for row in leftovers)
             save(leftovers, errors=len(leftovers))
         summary.seconds = time.monotonic() - started
         return summary

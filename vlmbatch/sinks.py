@@ -10,15 +10,18 @@ How, for an output OUT:
   so a part file either exists complete or does not exist.
 * `close()` merges OUT (if any) and the parts into a temporary file, streaming record batches, fsyncs it,
   `os.replace`s it onto OUT, fsyncs the folder, and only then deletes the parts.
-* Merging keeps the first row of each key. OUT never holds a key twice (it is only ever produced by a
-  merge), so only rows from parts need checking: a part row is dropped when its key is already in OUT
-  or in an earlier part. This makes every crash state recoverable:
+* Merging keeps one row per key: its first successful row, or, for a key that has only failed rows
+  (with `failure_column` set: e.g. an image that could not be decoded), its last one. A failed key is
+  not done: the next run tries it again, and its new row replaces the failure (a file caught half
+  copied by a scheduled job gets its caption once the copy is complete). OUT never holds a key twice
+  (it is only ever produced by a merge), so only keys that parts hold need deciding. This makes every
+  crash state recoverable:
     - crash while parts are being written: finished parts are kept, the temporary file is deleted on
       the next open;
     - crash while merging, before the replace: OUT is the old file, all parts remain; the next close
       merges them again;
     - crash after the replace, while deleting parts: OUT already holds the parts' rows; the next close
-      drops them as duplicates.
+      decides the same rows again.
   Memory during the merge is bounded by the parts' keys, not by the size of OUT.
 * An exclusive lock file (`OUT.lock`, flock-based, released by the kernel if the process dies) stops
   two runs from writing the same output at once.
@@ -30,6 +33,7 @@ How, for an output OUT:
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -39,7 +43,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,8 +93,10 @@ class _NoPandas:
 class ParquetSink:
     """Append rows to the Parquet file `path`, resumably; see the module docstring for the guarantees.
 
-    `key` names the columns that identify a row (what resume skips on). `settings` (JSON-able) must
-    match those of any existing output; `metadata` entries are stored as they are, not compared.
+    `key` names the columns that identify a row (what resume skips on). A row whose `failure_column`
+    is set (non-null: the reason) failed; its key is not done, and a later row of the key replaces it.
+    `settings` (JSON-able) must match those of any existing output; `metadata` entries are stored as
+    they are, not compared.
     """
 
     def __init__(
@@ -99,6 +105,7 @@ class ParquetSink:
         schema: pa.Schema,
         *,
         key: tuple[str, ...],
+        failure_column: str | None = None,
         settings: dict,
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
@@ -108,9 +115,13 @@ class ParquetSink:
         missing = [name for name in key if name not in schema.names]
         if not key or missing:
             raise ValueError(f"key columns {missing or key} must be non-empty and in the schema")
+        if failure_column is not None and failure_column not in schema.names:
+            raise ValueError(f"failure column {failure_column!r} is not in the schema")
         self.path = Path(path)
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self._key = tuple(key)
+        self._failure_column = failure_column
+        self._failures: dict[tuple, str] = {}  # failed keys, as `done_keys` last found them: key -> reason
         self._settings = json.loads(json.dumps(settings, sort_keys=True))  # as it will read back
         self._metadata = {
             **(schema.metadata or {}),
@@ -130,21 +141,40 @@ class ParquetSink:
     # --- public API ------------------------------------------------------------------------------------
 
     def done_keys(self) -> set[tuple]:
-        """Keys of every row this sink already holds: in OUT, in leftover or new parts, and buffered."""
-        keys: set[tuple] = set()
-        for path in self._existing_files():
-            keys.update(_iter_keys(path, self._key))
-        keys.update(tuple(row[name] for name in self._key) for row in self._buffer)
-        return keys
+        """Keys this sink already holds a successful row of: in OUT, in leftover or new parts, buffered.
 
-    def write(self, rows: list[dict]) -> None:
-        """Buffer rows; flush when `flush_rows` are waiting or `flush_seconds` passed since the last flush."""
+        The failed ones are kept in `failed_keys`, to be tried again."""
+        succeeded: set[tuple] = set()
+        self._failures = {}
+        buffered = ((self._row_key(row), self._row_failure(row)) for row in self._buffer)
+        for key, failure in itertools.chain(*map(self._iter_outcomes, self._existing_files()), buffered):
+            if key in succeeded:
+                continue  # a success is final
+            if failure is None:
+                succeeded.add(key)
+                self._failures.pop(key, None)
+            else:
+                self._failures[key] = failure  # the latest failure is the one kept
+        return succeeded
+
+    @property
+    def failed_keys(self) -> set[tuple]:
+        """Keys whose only rows failed, as the last `done_keys` found them."""
+        return set(self._failures)
+
+    def write(self, rows: list[dict]) -> int:
+        """Buffer rows; flush when `flush_rows` are waiting or `flush_seconds` passed since the last flush.
+
+        A failed row that repeats the failure the output holds for its key (same reason) is dropped, so
+        a rerun over files that are still broken rewrites nothing. Returns the number of rows kept."""
         if self._closed:
             raise RuntimeError(f"sink for {self.path} is closed")
+        rows = [row for row in rows if not self._repeats_failure(row)]
         self._buffer.extend(rows)
         due = time.monotonic() - self._last_flush >= self._flush_seconds
         if len(self._buffer) >= self._flush_rows or (due and self._buffer):
             self.flush()
+        return len(rows)
 
     def flush(self) -> None:
         """Make buffered rows durable as a new part file. Once this returns, no crash can lose them."""
@@ -244,24 +274,65 @@ class ParquetSink:
         return self._schema.with_metadata({**self._metadata, WRITTEN_AT_KEY: _now()})
 
     def _merge(self, parts: list[Path]) -> None:
-        """Stream OUT and the parts into a new OUT, keeping the first row of each key (see module doc)."""
-        seen: set[tuple] = set()  # keys a part row must not repeat: those in OUT, then those of earlier parts
-        if self.path.exists():
-            part_keys = {k for part in parts for k in _iter_keys(part, self._key)}
-            seen = {k for k in _iter_keys(self.path, self._key) if k in part_keys}
+        """Stream OUT and the parts into a new OUT, one row per key (see the module docstring)."""
+        # The row of each key that parts hold which wins, as (part index, row index in the part);
+        # None where OUT's row wins (a success is never replaced).
+        winners: dict[tuple, tuple[int, int] | None] = {}
+        succeeded: set[tuple] = set()  # keys whose winner so far is a success
+        for part_index, part in enumerate(parts):
+            for row_index, (key, failure) in enumerate(self._iter_outcomes(part)):
+                if key not in succeeded:
+                    winners[key] = (part_index, row_index)
+                    if failure is None:
+                        succeeded.add(key)
+
+        def out_row_wins(key: tuple, failure: str | None) -> bool:
+            if key not in winners:
+                return True
+            if failure is None:
+                winners[key] = None
+                return True
+            return False  # a failure: replaced by the parts' row
 
         def write_merged(file: BinaryIO) -> None:
             with pq.ParquetWriter(file, self._file_schema()) as writer:
                 row_groups = _RowGroupWriter(writer)
                 if self.path.exists():
                     for batch in _batches(self.path):
-                        row_groups.add(batch)
-                for part in parts:
+                        row_groups.add(batch.filter([out_row_wins(*o) for o in self._batch_outcomes(batch)]))
+                for part_index, part in enumerate(parts):
+                    row_index = 0
                     for batch in _batches(part):
-                        row_groups.add(batch.filter(_first_occurrences(_batch_keys(batch, self._key), seen)))
+                        mask = []
+                        for key, _ in self._batch_outcomes(batch):
+                            mask.append(winners.get(key) == (part_index, row_index))
+                            row_index += 1
+                        row_groups.add(batch.filter(mask))
                 row_groups.flush()
 
         _write_atomically(self.path, write_merged)
+
+    def _row_key(self, row: dict) -> tuple:
+        return tuple(row[name] for name in self._key)
+
+    def _repeats_failure(self, row: dict) -> bool:
+        failure = self._row_failure(row)
+        return failure is not None and self._failures.get(self._row_key(row)) == failure
+
+    def _row_failure(self, row: dict) -> str | None:
+        return row.get(self._failure_column) if self._failure_column else None
+
+    def _iter_outcomes(self, path: Path) -> Iterator[tuple[tuple, str | None]]:
+        """(key, failure or None) of each row of a file, streamed, reading only those columns."""
+        columns = [*self._key, *([self._failure_column] if self._failure_column else [])]
+        for batch in _batches(path, columns):
+            yield from self._batch_outcomes(batch)
+
+    def _batch_outcomes(self, batch: pa.RecordBatch) -> list[tuple[tuple, str | None]]:
+        keys = zip(*(batch.column(name).to_pylist() for name in self._key))
+        if self._failure_column is None:
+            return [(key, None) for key in keys]
+        return list(zip(keys, batch.column(self._failure_column).to_pylist()))
 
     def _remove_parts(self, parts: list[Path]) -> None:
         """Delete merged parts; safe to interrupt, since OUT already holds their rows."""
@@ -375,25 +446,6 @@ def _part_number(path: Path) -> int:
 
 def _batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     return pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROW_GROUP_ROWS, columns=columns)
-
-
-def _batch_keys(batch: pa.RecordBatch, key: tuple[str, ...]) -> list[tuple]:
-    return list(zip(*(batch.column(name).to_pylist() for name in key)))
-
-
-def _iter_keys(path: Path, key: tuple[str, ...]) -> Iterator[tuple]:
-    """The keys in a file, streamed, reading only the key columns."""
-    for batch in _batches(path, list(key)):
-        yield from _batch_keys(batch, key)
-
-
-def _first_occurrences(keys: Iterable[tuple], seen: set[tuple]) -> list[bool]:
-    """A mask keeping keys not in `seen`, adding each kept key to `seen`."""
-    mask = []
-    for key in keys:
-        mask.append(key not in seen)
-        seen.add(key)
-    return mask
 
 
 def _settings_diff(old: dict, new: dict) -> str:
