@@ -50,7 +50,8 @@ CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: oned
                             "auto: the fastest of the three on a quick check.")
 CudaGraphOpt = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
                             "each decode step as one captured CUDA graph; --no-cuda-graph runs it op by op.")
-LimitOpt = typer.Option(None, "--limit", min=1, help="Process at most this many new images (images whose last run gave an error are tried again besides).")
+LimitOpt = typer.Option(None, "--limit", min=1,
+                        help="Process at most this many new images (images tried again after an error do not count).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
 SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
 ImageColOpt = typer.Option(None, "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
@@ -77,7 +78,8 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
   vlmbatch caption ./photos --out captions.parquet\n
   vlmbatch caption ./photos --out alt.parquet --prompt "caption en" --batch-size 64\n
   vlmbatch caption my/dataset --split validation --image-column img --id-column key --out caps.parquet\n
-Re-running the same command resumes; over a grown folder only new images are captioned.""")
+Re-running the same command resumes: over a grown folder only new images are captioned, and images
+that failed are tried again.""")
 def caption(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
     out: Path = OutOpt,
