@@ -380,6 +380,31 @@ def test_an_image_that_failed_is_tried_again_by_the_next_run(folder, tmp_path, c
     assert {k: v for k, v in second.items() if k != "late.jpg"} == {k: v for k, v in first.items() if k != "late.jpg"}
 
 
+def test_an_image_replaced_since_its_caption_is_captioned_again(folder, tmp_path, ckpt, monkeypatch):
+    """Alt text must describe the image that is there now: a file replaced under the same name (another
+    size or modification time) goes through the model again, and only it; its row is replaced."""
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt)
+    first = {r["id"]: r for r in rows(out)}
+    target = sorted(folder.rglob("*.jpg"))[0]
+    replaced = target.relative_to(folder).as_posix()
+    real_photos()["coins"].convert("RGB").save(target)
+    encoded = []
+    original = SiglipVisionTower.forward
+    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    result = invoke("caption", folder, "--out", out, "--model", ckpt, "--max-new-tokens", 8, "--workers", 0)
+    assert sum(encoded) == 1
+    assert re.search(r"redone \(image replaced\)\s*│\s*1\s", result.output), result.output
+    second = {r["id"]: r for r in rows(out)}
+    assert len(rows(out)) == len(first)
+    assert second[replaced]["caption"] == direct_captions(ckpt, {"x": target})["x"] != first[replaced]["caption"]
+    stat = target.stat()
+    assert second[replaced]["image_version"] == f"{stat.st_size}:{stat.st_mtime_ns}"
+    assert {k: v for k, v in second.items() if k != replaced} == {k: v for k, v in first.items() if k != replaced}
+    written = out.read_bytes()
+    caption(folder, out, ckpt)
+    assert out.read_bytes() == written  # nothing changed since: nothing redone
+
 def test_limit_counts_new_images_not_broken_ones_tried_again(folder, tmp_path, ckpt):
     """Files that stay broken are retried by every run, but must not use up a run's --limit, or a job
     that caps each run would retry them forever and never reach the rest of the folder."""

@@ -65,7 +65,7 @@ def abandon(sink: ParquetSink) -> None:
 def test_write_close_read_back(out: Path) -> None:
     with open_sink(out, metadata={"vlmbatch.version": "0.1.0"}) as sink:
         sink.write(rows(0, 10))
-        assert sink.done_keys() == keys(0, 10)
+        assert sink.done_keys().keys() == keys(0, 10)
     table = pq.read_table(out)
     assert table.to_pylist() == rows(0, 10)
     assert table.schema.remove_metadata() == SCHEMA
@@ -92,11 +92,12 @@ def test_resume_appends_without_duplicates(out: Path) -> None:
     with open_sink(out) as sink:
         sink.write(rows(0, 6))
     with open_sink(out) as sink:
-        assert sink.done_keys() == keys(0, 6)
+        assert sink.done_keys().keys() == keys(0, 6)
         sink.write(rows(6, 9))
-        sink.write(rows(3, 5, caption="rewritten"))  # a repeated key keeps the row written first
-    assert ids_in(out) == [f"{i:05d}" for i in range(9)]
-    assert set(pq.read_table(out).column("caption").to_pylist()) == {"a cat"}
+        sink.write(rows(3, 5, caption="rewritten"))  # a key written again: its latest row replaces the first
+    table = {row["id"]: row["caption"] for row in pq.read_table(out).to_pylist()}
+    assert len(pq.read_table(out)) == len(table) == 9
+    assert table == {f"{i:05d}": "rewritten" if i in (3, 4) else "a cat" for i in range(9)}
 
 
 def test_flush_rows_and_flush_seconds(out: Path) -> None:
@@ -119,7 +120,7 @@ def test_crash_without_close_is_recovered_exactly_once(out: Path) -> None:
     abandon(sink)
 
     recovered = open_sink(out)
-    assert recovered.done_keys() == keys(0, 10)
+    assert recovered.done_keys().keys() == keys(0, 10)
     recovered.write(rows(10, 12))
     recovered.close()
     assert ids_in(out) == [f"{i:05d}" for i in range(12)]
@@ -144,7 +145,7 @@ def test_crash_during_merge_before_replace(out: Path, monkeypatch) -> None:
     assert ids_in(out) == [f"{i:05d}" for i in range(4)]  # the old file is intact
 
     with open_sink(out) as resumed:
-        assert resumed.done_keys() == keys(0, 8)
+        assert resumed.done_keys().keys() == keys(0, 8)
     assert ids_in(out) == [f"{i:05d}" for i in range(8)]
     assert sidecars(out) == []
 
@@ -168,7 +169,7 @@ def test_crash_after_replace_before_parts_are_deleted(out: Path, monkeypatch) ->
     assert len(list(sink.parts_dir.iterdir())) == 2  # both parts are also still there
 
     with open_sink(out) as resumed:
-        assert resumed.done_keys() == keys(0, 8)
+        assert resumed.done_keys().keys() == keys(0, 8)
         resumed.write(rows(8, 10))
     assert ids_in(out) == [f"{i:05d}" for i in range(10)]  # each key exactly once
     assert sidecars(out) == []
@@ -229,7 +230,7 @@ def test_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(out: Path) ->
         done = sink.done_keys()
     ids = pq.read_table(out).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == len(done)  # no duplicates
-    assert {(i,) for i in ids} == done
+    assert {(i,) for i in ids} == done.keys()
     assert {f"{i:07d}" for i in range(flushed)} <= set(ids)  # nothing reported flushed was lost
     assert ids == sorted(ids)  # resumed runs continued where the previous one stopped
 
@@ -262,7 +263,7 @@ def test_a_failed_key_is_not_done_and_its_retry_replaces_it(out: Path) -> None:
     with open_failing_sink(out) as sink:
         sink.write([ok("a"), failed("b"), failed("c")])
     with open_failing_sink(out) as sink:
-        assert sink.done_keys() == {("a",)} and sink.failed_keys == {("b",), ("c",)}
+        assert sink.done_keys().keys() == {("a",)} and sink.failed_keys == {("b",), ("c",)}
         assert sink.write([ok("b", "a dog"), failed("c", "image file is truncated")]) == 2
     assert table_of(out) == {"a": {"caption": "a cat", "error": None}, "b": {"caption": "a dog", "error": None},
                              "c": {"caption": None, "error": "image file is truncated"}}
@@ -278,13 +279,18 @@ def test_a_repeated_failure_rewrites_nothing(out: Path) -> None:
     assert out.read_bytes() == before  # not even merged again: no part was written
 
 
-def test_a_success_is_never_replaced_by_a_later_failure(out: Path) -> None:
+def test_a_key_written_again_keeps_its_latest_row(out: Path) -> None:
+    """Whatever the mix of outcomes (a caller writes a key again only when its row is out of date: a
+    failure retried, an image replaced), within a part, across parts and against OUT."""
     with open_failing_sink(out) as sink:
-        sink.write([ok("a"), failed("b"), ok("b", "first"), ok("b", "second"), failed("b", "later")])
-        sink.write([failed("a")])
-    assert table_of(out) == {"a": {"caption": "a cat", "error": None}, "b": {"caption": "first", "error": None}}
+        sink.write([ok("a"), failed("b"), ok("b", "first"), ok("b", "second")])
+        sink.write([failed("a", "replaced by a broken file")])
+        sink.write([ok("c"), failed("c")])
     with open_failing_sink(out) as sink:
-        assert sink.done_keys() == {("a",), ("b",)} and sink.failed_keys == set()
+        assert sink.done_keys().keys() == {("b",)} and sink.failed_keys == {("a",), ("c",)}
+        sink.write([ok("c", "third")])
+    assert table_of(out) == {"a": {"caption": None, "error": "replaced by a broken file"},
+                             "b": {"caption": "second", "error": None}, "c": {"caption": "third", "error": None}}
 
 
 def test_retries_survive_a_crash_after_the_merge_replaced_out(out: Path, monkeypatch) -> None:
@@ -293,7 +299,7 @@ def test_retries_survive_a_crash_after_the_merge_replaced_out(out: Path, monkeyp
     with open_failing_sink(out) as sink:
         sink.write([failed("a"), failed("b"), ok("c")])
     sink = open_failing_sink(out)
-    assert sink.done_keys() == {("c",)}
+    assert sink.done_keys().keys() == {("c",)}
     sink.write([ok("a", "a dog"), failed("b", "still broken")])
     real_unlink = Path.unlink
 
@@ -310,7 +316,7 @@ def test_retries_survive_a_crash_after_the_merge_replaced_out(out: Path, monkeyp
                 "c": {"caption": "a cat", "error": None}}
     assert table_of(out) == expected and len(list(sink.parts_dir.iterdir())) == 1
     with open_failing_sink(out) as resumed:
-        assert resumed.done_keys() == {("a",), ("c",)} and resumed.failed_keys == {("b",)}
+        assert resumed.done_keys().keys() == {("a",), ("c",)} and resumed.failed_keys == {("b",)}
     assert table_of(out) == expected and sidecars(out) == []
 
 
@@ -319,10 +325,44 @@ def test_failures_left_in_parts_by_a_killed_run_are_retried(out: Path) -> None:
     sink.write([failed("a"), ok("b")])
     abandon(sink)
     with open_failing_sink(out) as sink:
-        assert sink.done_keys() == {("b",)} and sink.failed_keys == {("a",)}
+        assert sink.done_keys().keys() == {("b",)} and sink.failed_keys == {("a",)}
         sink.write([ok("a")])
     assert table_of(out) == {"a": {"caption": "a cat", "error": None}, "b": {"caption": "a cat", "error": None}}
 
+
+VERSIONED = FAILING.append(pa.field("version", pa.string()))
+
+
+def test_done_keys_give_the_version_each_row_was_made_from(out: Path) -> None:
+    sink = ParquetSink(out, VERSIONED, key=("id",), failure_column="error", version_column="version",
+                       settings=SETTINGS, flush_rows=1)
+    sink.write([{**ok("a"), "version": "10:1"}, {**ok("b"), "version": None}, {**failed("c"), "version": "7:1"}])
+    sink.write([{**ok("a", "a dog"), "version": "12:2"}])  # the file was replaced
+    assert sink.done_keys() == {("a",): "12:2", ("b",): None}
+    sink.close()
+    assert pq.read_table(out).to_pylist()[-1] == {"id": "a", "caption": "a dog", "error": None, "version": "12:2"}
+
+
+def test_an_output_from_before_a_nullable_column_was_added_is_resumed(out: Path) -> None:
+    """Upgrading must not force re-captioning a whole collection: a file (and parts a killed run left)
+    without the new column is read with nulls there, and the merged file has the new schema."""
+    with open_failing_sink(out) as sink:
+        sink.write([ok("a"), failed("b")])
+    killed = open_failing_sink(out)
+    killed.write([ok("c")])
+    abandon(killed)
+    newer = ParquetSink(out, VERSIONED, key=("id",), failure_column="error", version_column="version",
+                        settings=SETTINGS, flush_rows=1)
+    assert newer.done_keys() == {("a",): None, ("c",): None} and newer.failed_keys == {("b",)}
+    newer.write([{**ok("b", "a dog"), "version": "3:4"}])
+    newer.close()
+    assert pq.read_schema(out).remove_metadata().equals(VERSIONED)
+    assert pq.read_table(out).to_pylist() == [{**ok("a"), "version": None}, {**ok("c"), "version": None},
+                                              {**ok("b", "a dog"), "version": "3:4"}]
+    required = FAILING.append(pa.field("version", pa.string(), nullable=False))
+    with pytest.raises(VlmbatchError, match="different columns"):  # old rows could not fill it
+        ParquetSink(out.with_name("other.parquet"), FAILING, key=("id",), settings=SETTINGS).close()
+        ParquetSink(out.with_name("other.parquet"), required, key=("id",), settings=SETTINGS)
 
 def test_failure_column_must_be_in_the_schema(out: Path) -> None:
     with pytest.raises(ValueError, match="failure column 'reason'"):
@@ -375,7 +415,7 @@ def test_overwrite_starts_afresh(out: Path) -> None:
     leftover.write(rows(5, 9))
     abandon(leftover)
     with open_sink(out, settings={**SETTINGS, "model": "other"}, overwrite=True) as sink:
-        assert sink.done_keys() == set()
+        assert sink.done_keys().keys() == set()
         sink.write(rows(100, 101))
     assert ids_in(out) == ["00100"]
     assert json.loads(pq.read_schema(out).metadata[SETTINGS_KEY.encode()])["model"] == "other"

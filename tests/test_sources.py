@@ -70,6 +70,26 @@ def test_single_image_file(images: list[Path]) -> None:
     assert record.id == "1.png" and color_of(record) == COLORS[1]
 
 
+
+def test_file_records_carry_a_version_that_changes_when_the_file_is_replaced(tmp_path: Path, images) -> None:
+    """What lets a scheduled run tell a replaced image from the one it captioned: size and mtime."""
+    folder = images[0].parent
+    manifest = tmp_path / "data" / "manifest.parquet"
+    pq.write_table(pa.table({"image": ["images/0.png", "images/gone.png"]}), manifest)
+    sources = [open_source(str(folder)), open_source(str(images[0])), open_source(str(manifest))]
+
+    def version_of_0() -> list[str]:
+        return [next(iter(source)).version for source in sources]
+
+    before = version_of_0()
+    stat = images[0].stat()
+    assert before == [f"{stat.st_size}:{stat.st_mtime_ns}"] * 3
+    os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the same bytes, copied anew
+    assert all(after != b for after, b in zip(version_of_0(), before))
+    assert [r.version for r in open_source(str(manifest))][1] is None  # missing: its decoding says so
+    pq.write_table(pa.table({"image": [images[0].read_bytes()]}), manifest)
+    assert next(iter(open_source(str(manifest)))).version is None  # bytes: nothing to tell versions by
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

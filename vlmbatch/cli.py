@@ -79,7 +79,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
   vlmbatch caption ./photos --out alt.parquet --prompt "caption en" --batch-size 64\n
   vlmbatch caption my/dataset --split validation --image-column img --id-column key --out caps.parquet\n
 Re-running the same command resumes: over a grown folder only new images are captioned, and images
-that failed are tried again.""")
+that failed or were replaced since are captioned again.""")
 def caption(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
     out: Path = OutOpt,
@@ -326,6 +326,8 @@ def _print_summary(summary: Summary) -> None:
     table.add_row("already done (skipped)", str(summary.already_done))
     if summary.retried:
         table.add_row("retried (earlier errors)", str(summary.retried))
+    if summary.replaced:
+        table.add_row("redone (image replaced)", str(summary.replaced))
     table.add_row("images processed", str(summary.images))
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("throughput", f"{summary.images_per_second:.2f} images/s")

@@ -16,7 +16,7 @@ from datasets.features.features import require_decoding
 from huggingface_hub.errors import GatedRepoError
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.records import ImageRecord, ImageRef
+from vlmbatch.records import ImageRecord, ImageRef, file_version
 from vlmbatch.sources import DEFAULT_IMAGE_COLUMN, DEFAULT_SPLIT, MANIFEST_BUILDERS, Columns, Source
 
 # What reading a dataset can raise when the data (not our code) is at fault.
@@ -170,7 +170,9 @@ class _DatasetReader:
     def _record(self, index: int, row: Mapping[str, Any]) -> ImageRecord:
         record_id = str(row[self.id_column]) if self.id_column else str(index)
         extra = {name: _json_simple(row[name]) for name in self.passthrough}
-        return ImageRecord(id=record_id, image=self._image_ref(row[self.image_column]), extra=extra)
+        image = self._image_ref(row[self.image_column])
+        version = file_version(image) if isinstance(image, str) and "://" not in image else None
+        return ImageRecord(id=record_id, image=image, extra=extra, version=version)
 
     def _image_ref(self, value: Any) -> ImageRef:
         """A path (made absolute against `base_dir`) or bytes, from any way a dataset stores an image.

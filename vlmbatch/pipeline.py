@@ -2,7 +2,8 @@
 
 The job knows which ids the output already holds and sends only the others through the model, so
 re-running the same command resumes a stopped run, and over a grown folder processes only new images.
-Ids whose row is an error (an image that could not be decoded) are tried again by every run.
+Ids whose row is an error (an image that could not be decoded) are tried again by every run, and so
+are image files replaced since their row was written (another size or modification time).
 The weights are checked up front but loaded only once an image needs them.
 """
 
@@ -14,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator, Mapping
 
 import pyarrow as pa
 import torch
@@ -42,6 +43,7 @@ _COMMON_FIELDS = [
     pa.field("prompt", pa.string()),
     pa.field("num_tokens", pa.int32()),
     pa.field("finish_reason", pa.string()),
+    pa.field("image_version", pa.string()),  # the image file's "<size>:<mtime_ns>" when read (records.file_version)
 ]
 CAPTION_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("caption", pa.string()), *_COMMON_FIELDS])
 VQA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("question_id", pa.string()),
@@ -58,6 +60,7 @@ class Summary:
     errors: int = 0
     already_done: int = 0  # rows the output already held
     retried: int = 0  # rows tried again because the output held only an error for them
+    replaced: int = 0  # rows made again because their image file was replaced since
     images_skipped: int = 0  # source records with nothing left to do
     images: int = 0
     seconds: float = 0.0
@@ -150,9 +153,9 @@ class Job:
         self.fingerprint = self.checkpoint.fingerprint()
         self.sink = ParquetSink(
             spec.out, CAPTION_SCHEMA if spec.task == "caption" else VQA_SCHEMA,
-            key=("id",) if spec.task == "caption" else ("id", "question_id"), failure_column="error",
-            settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite,
-            flush_rows=spec.flush_rows)
+            key=("id",) if spec.task == "caption" else ("id", "question_id"),
+            failure_column="error", version_column="image_version",
+            settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite, flush_rows=spec.flush_rows)
 
     def _check_host_memory(self, parameters: int) -> None:
         """Stop before any work when the weights and KV cache of every CPU worker cannot fit."""
@@ -201,23 +204,27 @@ class Job:
                 "vlmbatch.source": self.spec.source}
 
     # -- work ------------------------------------------------------------------------------------
-    def items(self, done: set[tuple], summary: Summary, failed: set[tuple] = frozenset()) -> Iterator[_Item]:
-        """Images with rows still to produce (none yet, or only an error in `failed`). At most `limit`
-        new ones: images tried again do not count, or files that stay broken would use up every run's."""
-        new = 0
+    def items(self, done: Mapping[tuple, str | None], summary: Summary,
+              failed: Collection[tuple] = frozenset()) -> Iterator[_Item]:
+        """Images with rows still to produce: none yet, only an error (in `failed`), or one made from
+        another version of the image file (`done` maps keys to the versions their rows were made
+        from). At most `limit` that are not only retries: files that stay broken would use up every
+        run's limit otherwise."""
+        counted = 0
         self.source_exhausted = False
         for record in self.source:
-            if self.spec.limit is not None and new >= self.spec.limit:
+            if self.spec.limit is not None and counted >= self.spec.limit:
                 return
             prompts = self._prompts(record)
-            todo = [p for p in prompts if p[0] not in done]
+            todo = [p for p in prompts if p[0] not in done or _replaced(done[p[0]], record.version)]
             retried = sum(key in failed for key, _, _ in todo)
             summary.already_done += len(prompts) - len(todo)
             summary.retried += retried
+            summary.replaced += sum(key in done for key, _, _ in todo)
             if not todo:
                 summary.images_skipped += 1
                 continue
-            new += retried < len(todo)
+            counted += retried < len(todo)
             yield _Item(record, todo)
         self.source_exhausted = True
 
@@ -231,7 +238,7 @@ class Job:
             questions = self.questions.pop(record.id, [])
         return [((record.id, q.question_id), spec.prompt_template.format(question=q.question), q) for q in questions]
 
-    def unmatched_question_rows(self, done: set[tuple]) -> list[dict]:
+    def unmatched_question_rows(self, done: Collection[tuple]) -> list[dict]:
         """Questions whose image the source does not have: one error row each. Only known once the
         whole source was read: a run stopped by --limit leaves the others for the next run."""
         if not self.source_exhausted:
@@ -244,10 +251,12 @@ class Job:
                                           error="image not found in source"))
         return rows
 
-    def _row(self, image_id: str, question: Question | None, prompt: str, *, text: str | None = None,
-             error: str | None = None, num_tokens: int = 0, finish_reason: str | None = None) -> dict:
+    def _row(self, image_id: str, question: Question | None, prompt: str, *, version: str | None = None,
+             text: str | None = None, error: str | None = None, num_tokens: int = 0,
+             finish_reason: str | None = None) -> dict:
         row = {"id": image_id, self.spec.answer_column: text, "error": error, "prompt": prompt,
-               "num_tokens": num_tokens, "finish_reason": finish_reason if error is None else "error"}
+               "num_tokens": num_tokens, "finish_reason": finish_reason if error is None else "error",
+               "image_version": version}
         if self.spec.task == "vqa":
             row.update(question_id=question.question_id, question=question.question)
         return row
@@ -258,7 +267,7 @@ class Job:
         lock = threading.Lock()  # with several devices, error rows are saved from the feeder thread
         with self.sink as sink:
             done, failed = sink.done_keys(), sink.failed_keys
-            pending: dict[tuple, tuple[str, Question | None, str]] = {}
+            pending: dict[tuple, tuple[ImageRecord, Question | None, str]] = {}
 
             def save(rows: list[dict], errors: int = 0, tokens: int = 0) -> None:
                 with lock:
@@ -275,18 +284,20 @@ class Job:
                 for item, pixels in decoded:
                     summary.images += 1
                     if isinstance(pixels, str):
-                        rows = [self._row(item.record.id, q, prompt, error=pixels) for _, prompt, q in item.prompts]
+                        rows = [self._row(item.record.id, q, prompt, version=item.record.version, error=pixels)
+                                for _, prompt, q in item.prompts]
                         save(rows, errors=len(rows))
                         continue
                     prompts, too_long = [], []
                     for key, prompt, q in item.prompts:
                         ids = self.processor.prompt_ids(prompt)
                         if len(ids) > self.max_prompt_len:
-                            too_long.append(self._row(item.record.id, q, prompt, error=(
-                                f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
-                                f"(at most {MAX_PROMPT_TEXT_TOKENS})")))
+                            error = (f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
+                                     f"(at most {MAX_PROMPT_TEXT_TOKENS})")
+                            too_long.append(self._row(item.record.id, q, prompt, version=item.record.version,
+                                                      error=error))
                             continue
-                        pending[key] = (item.record.id, q, prompt)
+                        pending[key] = (item.record, q, prompt)
                         prompts.append((key, ids))
                     if too_long:
                         save(too_long, errors=len(too_long))
@@ -327,10 +338,17 @@ class Job:
                             cuda_graph=spec.cuda_graph)
         return run_on_devices(work, self.devices, worker)
 
-    def _completion_row(self, origin: tuple[str, Question | None, str], completion: Completion) -> dict:
-        image_id, question, prompt = origin
-        return self._row(image_id, question, prompt, text=self.processor.decode(completion.tokens),
-                         num_tokens=len(completion.tokens), finish_reason=completion.finish_reason)
+    def _completion_row(self, origin: tuple[ImageRecord, Question | None, str], completion: Completion) -> dict:
+        record, question, prompt = origin
+        return self._row(record.id, question, prompt, version=record.version,
+                         text=self.processor.decode(completion.tokens), num_tokens=len(completion.tokens),
+                         finish_reason=completion.finish_reason)
+
+
+def _replaced(done_version: str | None, version: str | None) -> bool:
+    """Whether an image file changed since its row was made. Unknown on either side (an image given
+    as bytes, a row written before versions were kept) counts as unchanged."""
+    return done_version is not None and version is not None and done_version != version
 
 
 def default_workers(devices: list[torch.device]) -> int:

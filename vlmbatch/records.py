@@ -18,12 +18,28 @@ class ImageRecord:
 
     `id` is stable across runs (it is what resume keys on): for folders the path relative to the
     source root with `/` separators, for datasets the id column's value or the row index.
+    `version` tells one content of the image under that id from another: for an image file, its size
+    and modification time (see `file_version`), so that a run can tell a file replaced since its row was
+    written; None where nothing tells (bytes, dataset rows).
     `extra` carries passthrough columns (e.g. a dataset's own metadata).
     """
 
     id: str
     image: ImageRef
     extra: Mapping[str, Any] = field(default_factory=dict)
+    version: str | None = None
+
+
+def file_version(path: str | os.PathLike) -> str | None:
+    """`"<size>:<mtime in ns>"` of a file, None if it cannot be read (its decoding will say why).
+
+    Any replacement of a file (a copy, an upload, an edit) changes one or the other; reading the
+    contents to hash them would cost a scheduled run over a large folder all of its files' bytes."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 @dataclass(frozen=True)

@@ -10,24 +10,25 @@ How, for an output OUT:
   so a part file either exists complete or does not exist.
 * `close()` merges OUT (if any) and the parts into a temporary file, streaming record batches, fsyncs it,
   `os.replace`s it onto OUT, fsyncs the folder, and only then deletes the parts.
-* Merging keeps one row per key: its first successful row, or, for a key that has only failed rows
-  (with `failure_column` set: e.g. an image that could not be decoded), its last one. A failed key is
-  not done: the next run tries it again, and its new row replaces the failure (a file caught half
-  copied by a scheduled job gets its caption once the copy is complete). OUT never holds a key twice
-  (it is only ever produced by a merge), so only keys that parts hold need deciding. This makes every
-  crash state recoverable:
+* Merging keeps each key's latest row. A caller writes a key again only when it decides the row is
+  out of date: the job does for a failed row (`failure_column` set: an image that could not be
+  decoded, perhaps caught half copied) and for a row of an image replaced since (`version_column`
+  differs). OUT never holds a key twice (it is only ever produced by a merge), so only keys that parts
+  hold need deciding: an OUT row is dropped when a part holds its key, and a part row when a later
+  part row has its key. This makes every crash state recoverable:
     - crash while parts are being written: finished parts are kept, the temporary file is deleted on
       the next open;
     - crash while merging, before the replace: OUT is the old file, all parts remain; the next close
       merges them again;
     - crash after the replace, while deleting parts: OUT already holds the parts' rows; the next close
-      decides the same rows again.
+      merges the same rows again.
   Memory during the merge is bounded by the parts' keys, not by the size of OUT.
 * An exclusive lock file (`OUT.lock`, flock-based, released by the kernel if the process dies) stops
   two runs from writing the same output at once.
 * File metadata carries `vlmbatch.settings` (JSON) plus the caller's metadata and `vlmbatch.written_at`.
   Reopening an output written with other settings or another schema is refused, so one file never
-  mixes results of different runs.
+  mixes results of different runs. The one schema change accepted is an output written before a
+  nullable column was added: its rows read as null there.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class ParquetSink:
     """Append rows to the Parquet file `path`, resumably; see the module docstring for the guarantees.
 
     `key` names the columns that identify a row (what resume skips on). A row whose `failure_column`
-    is set (non-null: the reason) failed; its key is not done, and a later row of the key replaces it.
+    is set (non-null: the reason) failed: `done_keys` leaves its key out. `version_column` names what
+    `done_keys` reports beside each key (which version of the input the row was made from).
     `settings` (JSON-able) must match those of any existing output; `metadata` entries are stored as
     they are, not compared.
     """
@@ -106,6 +108,7 @@ class ParquetSink:
         *,
         key: tuple[str, ...],
         failure_column: str | None = None,
+        version_column: str | None = None,
         settings: dict,
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
@@ -115,12 +118,14 @@ class ParquetSink:
         missing = [name for name in key if name not in schema.names]
         if not key or missing:
             raise ValueError(f"key columns {missing or key} must be non-empty and in the schema")
-        if failure_column is not None and failure_column not in schema.names:
-            raise ValueError(f"failure column {failure_column!r} is not in the schema")
+        for role, column in (("failure", failure_column), ("version", version_column)):
+            if column is not None and column not in schema.names:
+                raise ValueError(f"{role} column {column!r} is not in the schema")
         self.path = Path(path)
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self._key = tuple(key)
         self._failure_column = failure_column
+        self._version_column = version_column
         self._failures: dict[tuple, str] = {}  # failed keys, as `done_keys` last found them: key -> reason
         self._settings = json.loads(json.dumps(settings, sort_keys=True))  # as it will read back
         self._metadata = {
@@ -140,26 +145,25 @@ class ParquetSink:
 
     # --- public API ------------------------------------------------------------------------------------
 
-    def done_keys(self) -> set[tuple]:
-        """Keys this sink already holds a successful row of: in OUT, in leftover or new parts, buffered.
-
-        The failed ones are kept in `failed_keys`, to be tried again."""
-        succeeded: set[tuple] = set()
+    def done_keys(self) -> dict[tuple, str | None]:
+        """Keys whose row succeeded, each with its row's version (None without a `version_column`): in
+        OUT, in leftover or new parts, buffered. A key's row is its latest one. Keys whose row failed
+        are left out, and listed in `failed_keys`, to be tried again."""
+        done: dict[tuple, str | None] = {}
         self._failures = {}
-        buffered = ((self._row_key(row), self._row_failure(row)) for row in self._buffer)
-        for key, failure in itertools.chain(*map(self._iter_outcomes, self._existing_files()), buffered):
-            if key in succeeded:
-                continue  # a success is final
+        buffered = (self._row_outcome(row) for row in self._buffer)
+        for key, failure, version in itertools.chain(*map(self._iter_outcomes, self._existing_files()), buffered):
             if failure is None:
-                succeeded.add(key)
+                done[key] = version
                 self._failures.pop(key, None)
             else:
-                self._failures[key] = failure  # the latest failure is the one kept
-        return succeeded
+                done.pop(key, None)
+                self._failures[key] = failure
+        return done
 
     @property
     def failed_keys(self) -> set[tuple]:
-        """Keys whose only rows failed, as the last `done_keys` found them."""
+        """Keys whose row failed, as the last `done_keys` found them."""
         return set(self._failures)
 
     def write(self, rows: list[dict]) -> int:
@@ -248,7 +252,7 @@ class ParquetSink:
             existing = pq.read_schema(path)
         except (OSError, pa.ArrowException) as exc:
             raise VlmbatchError(f"{path} is not a readable Parquet file; {_OVERWRITE_HINT}") from exc
-        if not existing.remove_metadata().equals(self._schema):
+        if not _readable_as(existing.remove_metadata(), self._schema):
             diff = _schema_diff(existing, self._schema)
             raise VlmbatchError(f"{path} has different columns ({diff}); {_OVERWRITE_HINT}")
         stored = (existing.metadata or {}).get(SETTINGS_KEY.encode())
@@ -274,65 +278,65 @@ class ParquetSink:
         return self._schema.with_metadata({**self._metadata, WRITTEN_AT_KEY: _now()})
 
     def _merge(self, parts: list[Path]) -> None:
-        """Stream OUT and the parts into a new OUT, one row per key (see the module docstring)."""
-        # The row of each key that parts hold which wins, as (part index, row index in the part);
-        # None where OUT's row wins (a success is never replaced).
-        winners: dict[tuple, tuple[int, int] | None] = {}
-        succeeded: set[tuple] = set()  # keys whose winner so far is a success
+        """Stream OUT and the parts into a new OUT, each key's latest row (see the module docstring)."""
+        latest: dict[tuple, tuple[int, int]] = {}  # key -> (part, row in it) of its latest row in the parts
         for part_index, part in enumerate(parts):
-            for row_index, (key, failure) in enumerate(self._iter_outcomes(part)):
-                if key not in succeeded:
-                    winners[key] = (part_index, row_index)
-                    if failure is None:
-                        succeeded.add(key)
-
-        def out_row_wins(key: tuple, failure: str | None) -> bool:
-            if key not in winners:
-                return True
-            if failure is None:
-                winners[key] = None
-                return True
-            return False  # a failure: replaced by the parts' row
+            for row_index, (key, _, _) in enumerate(self._iter_outcomes(part)):
+                latest[key] = (part_index, row_index)
 
         def write_merged(file: BinaryIO) -> None:
             with pq.ParquetWriter(file, self._file_schema()) as writer:
                 row_groups = _RowGroupWriter(writer)
                 if self.path.exists():
-                    for batch in _batches(self.path):
-                        row_groups.add(batch.filter([out_row_wins(*o) for o in self._batch_outcomes(batch)]))
+                    for batch in self._batches(self.path):
+                        row_groups.add(batch.filter([key not in latest for key in self._batch_keys(batch)]))
                 for part_index, part in enumerate(parts):
-                    row_index = 0
-                    for batch in _batches(part):
-                        mask = []
-                        for key, _ in self._batch_outcomes(batch):
-                            mask.append(winners.get(key) == (part_index, row_index))
-                            row_index += 1
-                        row_groups.add(batch.filter(mask))
+                    first_row = 0
+                    for batch in self._batches(part):
+                        keys = self._batch_keys(batch)
+                        row_groups.add(batch.filter([latest[key] == (part_index, first_row + i)
+                                                     for i, key in enumerate(keys)]))
+                        first_row += len(keys)
                 row_groups.flush()
 
         _write_atomically(self.path, write_merged)
 
+    def _batches(self, path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """A file's rows (only `columns`, if given) in batches of the current schema: a file written
+        before a nullable column was added reads as null there (see `_check_compatible`)."""
+        file = pq.ParquetFile(path)
+        names = columns or self._schema.names
+        present = [name for name in names if name in file.schema_arrow.names]
+        schema = pa.schema([self._schema.field(name) for name in names])
+        for batch in file.iter_batches(batch_size=MERGE_ROW_GROUP_ROWS, columns=present):
+            if len(present) < len(names):
+                arrays = [batch.column(f.name) if f.name in present else pa.nulls(batch.num_rows, f.type)
+                          for f in schema]
+                batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
+            yield batch
+
+    def _batch_keys(self, batch: pa.RecordBatch) -> list[tuple]:
+        return list(zip(*(batch.column(name).to_pylist() for name in self._key)))
+
     def _row_key(self, row: dict) -> tuple:
         return tuple(row[name] for name in self._key)
 
+    def _row_outcome(self, row: dict) -> tuple[tuple, str | None, str | None]:
+        """(key, failure or None, version or None) of a row."""
+        failure, version = (row.get(c) if c else None for c in (self._failure_column, self._version_column))
+        return self._row_key(row), failure, version
+
     def _repeats_failure(self, row: dict) -> bool:
-        failure = self._row_failure(row)
-        return failure is not None and self._failures.get(self._row_key(row)) == failure
+        key, failure, _ = self._row_outcome(row)
+        return failure is not None and self._failures.get(key) == failure
 
-    def _row_failure(self, row: dict) -> str | None:
-        return row.get(self._failure_column) if self._failure_column else None
-
-    def _iter_outcomes(self, path: Path) -> Iterator[tuple[tuple, str | None]]:
-        """(key, failure or None) of each row of a file, streamed, reading only those columns."""
-        columns = [*self._key, *([self._failure_column] if self._failure_column else [])]
-        for batch in _batches(path, columns):
-            yield from self._batch_outcomes(batch)
-
-    def _batch_outcomes(self, batch: pa.RecordBatch) -> list[tuple[tuple, str | None]]:
-        keys = zip(*(batch.column(name).to_pylist() for name in self._key))
-        if self._failure_column is None:
-            return [(key, None) for key in keys]
-        return list(zip(keys, batch.column(self._failure_column).to_pylist()))
+    def _iter_outcomes(self, path: Path) -> Iterator[tuple[tuple, str | None, str | None]]:
+        """`_row_outcome` of each row of a file, streamed, reading only the columns it needs."""
+        extra = [c for c in (self._failure_column, self._version_column) if c]
+        for batch in self._batches(path, [*self._key, *extra]):
+            failures, versions = (batch.column(c).to_pylist() if c else itertools.repeat(None)
+                                  for c in (self._failure_column, self._version_column))
+            yield from zip(self._batch_keys(batch), failures, versions)
 
     def _remove_parts(self, parts: list[Path]) -> None:
         """Delete merged parts; safe to interrupt, since OUT already holds their rows."""
@@ -444,10 +448,6 @@ def _part_number(path: Path) -> int:
     return int(path.name[len(_PART_PREFIX) : -len(_PART_SUFFIX)])
 
 
-def _batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    return pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROW_GROUP_ROWS, columns=columns)
-
-
 def _settings_diff(old: dict, new: dict) -> str:
     """'a.b: old -> new; ...' for every (dotted, nested) setting that differs."""
     old_flat, new_flat = _flatten(old), _flatten(new)
@@ -468,6 +468,13 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
 
 def _show(value: Any) -> str:
     return "(unset)" if value is _UNSET else json.dumps(value)
+
+
+def _readable_as(old: pa.Schema, new: pa.Schema) -> bool:
+    """Whether rows of schema `old` read as `new`: the same, or `new` with nullable columns added."""
+    added = [field for field in new if field.name not in old.names]
+    kept = pa.schema([field for field in new if field.name in old.names])
+    return old.equals(kept) and all(field.nullable for field in added)
 
 
 def _schema_diff(old: pa.Schema, new: pa.Schema) -> str:

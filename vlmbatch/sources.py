@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.images import IMAGE_EXTENSIONS
-from vlmbatch.records import ImageRecord
+from vlmbatch.records import ImageRecord, file_version
 
 # Single-file manifests, by extension, and the `datasets` builder that streams them.
 MANIFEST_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -93,8 +93,10 @@ def open_source(
 def _open_file(path: Path, columns: Columns) -> Source:
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
-        record = ImageRecord(id=path.name, image=str(path))
-        return Source(description=f"image {path}", size=1, records=lambda: iter([record]))
+        def record() -> Iterator[ImageRecord]:  # the file's version as of each run
+            yield ImageRecord(id=path.name, image=str(path), version=file_version(path))
+
+        return Source(description=f"image {path}", size=1, records=record)
     if suffix in MANIFEST_BUILDERS:
         from vlmbatch.dataset_sources import open_manifest
 
@@ -157,4 +159,4 @@ def _walk_images(root: Path) -> Iterator[ImageRecord]:
         for name in sorted(filenames):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 image = Path(dirpath, name)
-                yield ImageRecord(id=image.relative_to(root).as_posix(), image=str(image))
+                yield ImageRecord(id=image.relative_to(root).as_posix(), image=str(image), version=file_version(image))
