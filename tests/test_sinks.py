@@ -62,6 +62,21 @@ def abandon(sink: ParquetSink) -> None:
     sink._lock.release()
 
 
+def close_dying_before_parts_are_deleted(sink: ParquetSink, monkeypatch) -> None:
+    """Close `sink`, the process dying after the merged OUT replaced the old one, before any part is deleted."""
+    real_unlink = Path.unlink
+
+    def dying_unlink(self, *args, **kwargs):
+        if self.name.startswith("part-"):
+            raise Crash
+        real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(Crash):
+        sink.close()
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+
+
 def test_write_close_read_back(out: Path) -> None:
     with open_sink(out, metadata={"vlmbatch.version": "0.1.0"}) as sink:
         sink.write(rows(0, 10))
@@ -154,17 +169,7 @@ def test_crash_after_replace_before_parts_are_deleted(out: Path, monkeypatch) ->
     sink = open_sink(out)
     sink.write(rows(0, 4))
     sink.write(rows(4, 8))
-    real_unlink = Path.unlink
-
-    def dying_unlink(self, *args, **kwargs):
-        if self.name.startswith("part-"):
-            raise Crash
-        real_unlink(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "unlink", dying_unlink)
-    with pytest.raises(Crash):
-        sink.close()
-    monkeypatch.setattr(Path, "unlink", real_unlink)
+    close_dying_before_parts_are_deleted(sink, monkeypatch)
     assert ids_in(out) == [f"{i:05d}" for i in range(8)]
     assert len(list(sink.parts_dir.iterdir())) == 2  # both parts are also still there
 
@@ -301,17 +306,7 @@ def test_retries_survive_a_crash_after_the_merge_replaced_out(out: Path, monkeyp
     sink = open_failing_sink(out)
     assert sink.done_keys().keys() == {("c",)}
     sink.write([ok("a", "a dog"), failed("b", "still broken")])
-    real_unlink = Path.unlink
-
-    def dying_unlink(self, *args, **kwargs):
-        if self.name.startswith("part-"):
-            raise Crash
-        real_unlink(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "unlink", dying_unlink)
-    with pytest.raises(Crash):
-        sink.close()
-    monkeypatch.setattr(Path, "unlink", real_unlink)
+    close_dying_before_parts_are_deleted(sink, monkeypatch)
     expected = {"a": {"caption": "a dog", "error": None}, "b": {"caption": None, "error": "still broken"},
                 "c": {"caption": "a cat", "error": None}}
     assert table_of(out) == expected and len(list(sink.parts_dir.iterdir())) == 1

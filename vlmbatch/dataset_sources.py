@@ -171,7 +171,7 @@ class _DatasetReader:
         record_id = str(row[self.id_column]) if self.id_column else str(index)
         extra = {name: _json_simple(row[name]) for name in self.passthrough}
         image = self._image_ref(row[self.image_column])
-        version = file_version(image) if isinstance(image, str) and "://" not in image else None
+        version = file_version(image) if isinstance(image, str) else None  # a URL has no file: None
         return ImageRecord(id=record_id, image=image, extra=extra, version=version)
 
     def _image_ref(self, value: Any) -> ImageRef:
