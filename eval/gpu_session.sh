@@ -7,12 +7,27 @@
 #      benchmark rewrites its JSON after each of these, so a run cut off by the time limit keeps
 #      what it measured.
 # Results go to $OUT (the device tool's folder that comes back), else ./gpu_results. Run from the
-# repository root; nothing is installed (the machine's own torch and transformers are used).
+# repository root. The machine's own torch is used. Its transformers (5.17 when last read) is older than
+# the oracle CI pins (5.23, see pyproject.toml), and the machine cannot fetch packages. So wheels found
+# in .whl/ (ignored by git) are unpacked into a temporary folder put first on the path; nothing else is
+# installed. Prepare them here, then name .whl in the device call's carry:
+#   pip download --no-deps transformers==5.23.0 -d .whl      # 13 MB, pure Python
+# (seen working with that machine's huggingface_hub 1.33, tokenizers 0.23 and safetensors 0.8 under
+# torch 2.11 on a CPU: the whole test suite passed). Without .whl/ the machine's transformers is the
+# oracle and the baseline; eval/gpu_parity.py says why its greedy checks still hold.
 # GPU_SESSION_SECONDS (default 540) bounds the whole script.
 set -o pipefail
 out=${OUT:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    carried=$(mktemp -d)
+    if python3 -m pip install -q --no-deps --no-index --target "$carried" .whl/*.whl 2>&1 | tail -3; then
+        export PYTHONPATH=$carried:$PYTHONPATH
+    else
+        echo "carried wheels did not install; using the machine's own packages"
+    fi
+fi
 budget=${GPU_SESSION_SECONDS:-540}
 status=0
 

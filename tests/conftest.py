@@ -21,8 +21,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import factory  # noqa: E402
 
 
+ORACLE_VERSION = (5, 23)  # see the transformers pin in pyproject.toml
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests that spawn processes or run Java scorers")
+
+
+def pytest_report_header(config) -> list[str]:
+    import transformers
+
+    lines = [f"oracle: transformers {transformers.__version__}"]
+    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < ORACLE_VERSION:
+        lines.append(f"WARNING: the oracle is older than {'.'.join(map(str, ORACLE_VERSION))}, the first release "
+                     "whose PaliGemma 2 and image processing are the model as specified (see the pin in "
+                     "pyproject.toml): PaliGemma 2 logit tests and the pixel test of transparent images "
+                     "fail against it")
+    return lines
 
 
 class _CheckpointCache:

@@ -309,6 +309,12 @@ def build_model(variant: str, image_size: int = 224, seed: int = 0, eos_boost: f
     torch.manual_seed(seed)
     with torch.device(device):
         model = PaliGemmaForConditionalGeneration(config).to(torch.float32).eval()
+    if variant == "pg2":
+        # Gemma 2 caps its attention logits, which only transformers' eager attention does. Before 5.21
+        # transformers chose SDPA for Gemma 2 by default and silently dropped the cap (5.21 stopped
+        # offering SDPA for it). Asked for by name, the oracle caps under any release, the GPU
+        # machine's 5.17 included.
+        model.set_attn_implementation({"text_config": "eager"})
     _randomize(model, seed)
     if eos_boost is not None:
         _boost_eos(model, eos_boost, config.text_config.eos_token_id)

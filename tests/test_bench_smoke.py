@@ -108,3 +108,42 @@ def test_gpu_parity_check_runs_its_checks_on_a_cpu(tmp_path):
     assert variant["float32"]["identical_to_transformers"] == {"eager": 1.0}
     assert len(set(variant["float32"]["lengths"])) > 1  # slots free at different steps
     assert variant["sampling_repeatable"] and "gpu parity: PASSED" in proc.stdout
+
+
+def test_gpu_workload_checkpoint_pads_the_vocabulary_with_ids_never_generated(tmp_path, monkeypatch, photos):
+    """The --gpu workload's checkpoint (built only on a GPU session, so checked here at a tiny size on
+    a CPU): bfloat16, its tied embedding padded to the real vocabulary with zero rows, which greedy
+    decoding never picks, so every caption decodes to text."""
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    import dataclasses
+
+    import bench_throughput
+    import torch
+    from safetensors.torch import load_file
+
+    from vlmbatch.engine import Engine, ImageWork
+    from vlmbatch.images import load_resized
+    from vlmbatch.model.loading import load_model, resolve_checkpoint
+    from vlmbatch.processor import Processor
+    from vlmbatch.spec import GenerationSettings
+
+    padded = 4096
+    workload = dataclasses.replace(bench_throughput.GPU, model={}, image_size=28, device="cpu", vocab_size=padded)
+    counts = bench_throughput.build_checkpoint(workload, tmp_path, seed=0, eos_boost=bench_throughput.DEFAULT_EOS_BOOST)
+    assert counts["total"] == counts["vision"] + counts["projector"] + counts["text"] + counts["lm_head"] > 0
+
+    checkpoint = resolve_checkpoint(str(tmp_path))
+    known = bench_throughput.factory().tokenizer_ids(tmp_path)["vocab_size"]
+    assert checkpoint.config.text.vocab_size == padded > known and checkpoint.config.tie_word_embeddings
+    tensors = {k: v for path in sorted(tmp_path.glob("*.safetensors")) for k, v in load_file(path).items()}
+    embedding = next(v for k, v in tensors.items() if k.endswith("embed_tokens.weight"))
+    assert embedding.dtype == torch.bfloat16 and embedding.shape[0] == padded
+    assert not embedding[known:].any() and embedding[:known].any()
+
+    model = load_model(checkpoint, "cpu", torch.bfloat16)
+    processor = Processor.from_dir(checkpoint.path, checkpoint.config)
+    work = [ImageWork(load_resized(img, 28), [(name, processor.prompt_ids("caption en"))])
+            for name, img in photos.items()]
+    completions = list(Engine(model, GenerationSettings(max_new_tokens=8), max_slots=4).run(work))
+    assert len(completions) == len(photos) and any(c.tokens for c in completions)
+    assert all(0 <= t < known for c in completions for t in c.tokens)
