@@ -281,7 +281,7 @@ class ParquetSink:
         """Stream OUT and the parts into a new OUT, each key's latest row (see the module docstring)."""
         latest: dict[tuple, tuple[int, int]] = {}  # key -> (part, row in it) of its latest row in the parts
         for part_index, part in enumerate(parts):
-            for row_index, (key, _, _) in enumerate(self._iter_outcomes(part)):
+            for row_index, key in enumerate(self._iter_keys(part)):
                 latest[key] = (part_index, row_index)
 
         def write_merged(file: BinaryIO) -> None:
@@ -314,6 +314,11 @@ class ParquetSink:
                           for f in schema]
                 batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
             yield batch
+
+    def _iter_keys(self, path: Path) -> Iterator[tuple]:
+        """The key of each row of a file, streamed, reading only the key columns."""
+        for batch in self._batches(path, list(self._key)):
+            yield from self._batch_keys(batch)
 
     def _batch_keys(self, batch: pa.RecordBatch) -> list[tuple]:
         return list(zip(*(batch.column(name).to_pylist() for name in self._key)))
