@@ -109,6 +109,7 @@ if device.type == "cuda":
 print(json.dumps({"load_seconds": time.perf_counter() - began}))
 """
 
+
 @dataclass(frozen=True)
 class Workload:
     name: str

@@ -405,6 +405,7 @@ def test_an_image_replaced_since_its_caption_is_captioned_again(folder, tmp_path
     caption(folder, out, ckpt)
     assert out.read_bytes() == written  # nothing changed since: nothing redone
 
+
 def test_limit_counts_new_images_not_broken_ones_tried_again(folder, tmp_path, ckpt):
     """Files that stay broken are retried by every run, but must not use up a run's --limit, or a job
     that caps each run would retry them forever and never reach the rest of the folder."""
@@ -416,6 +417,7 @@ def test_limit_counts_new_images_not_broken_ones_tried_again(folder, tmp_path, c
     caption(folder, out, ckpt, "--limit", 2)
     table = rows(out)
     assert len(table) == 4 and sum(r["caption"] is not None for r in table) == 2
+
 
 def test_a_question_about_a_missing_image_is_answered_once_the_image_arrives(folder, tmp_path, ckpt):
     questions = tmp_path / "q.jsonl"

@@ -240,7 +240,6 @@ def test_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(out: Path) ->
     assert ids == sorted(ids)  # resumed runs continued where the previous one stopped
 
 
-
 # -- failed rows: tried again, replaced by what the retry gives ---------------------------------------
 FAILING = pa.schema([("id", pa.string()), ("caption", pa.string()), ("error", pa.string())])
 
@@ -354,14 +353,17 @@ def test_an_output_from_before_a_nullable_column_was_added_is_resumed(out: Path)
     assert pq.read_schema(out).remove_metadata().equals(VERSIONED)
     assert pq.read_table(out).to_pylist() == [{**ok("a"), "version": None}, {**ok("c"), "version": None},
                                               {**ok("b", "a dog"), "version": "3:4"}]
+    other = out.with_name("other.parquet")
+    ParquetSink(other, FAILING, key=("id",), settings=SETTINGS).close()
     required = FAILING.append(pa.field("version", pa.string(), nullable=False))
     with pytest.raises(VlmbatchError, match="different columns"):  # old rows could not fill it
-        ParquetSink(out.with_name("other.parquet"), FAILING, key=("id",), settings=SETTINGS).close()
-        ParquetSink(out.with_name("other.parquet"), required, key=("id",), settings=SETTINGS)
+        ParquetSink(other, required, key=("id",), settings=SETTINGS)
+
 
 def test_failure_column_must_be_in_the_schema(out: Path) -> None:
     with pytest.raises(ValueError, match="failure column 'reason'"):
         open_failing_sink(out, failure_column="reason")
+
 
 def test_settings_mismatch_names_the_differences(out: Path) -> None:
     with open_sink(out) as sink:

@@ -70,7 +70,6 @@ def test_single_image_file(images: list[Path]) -> None:
     assert record.id == "1.png" and color_of(record) == COLORS[1]
 
 
-
 def test_file_records_carry_a_version_that_changes_when_the_file_is_replaced(tmp_path: Path, images) -> None:
     """What lets a scheduled run tell a replaced image from the one it captioned: size and mtime."""
     folder = images[0].parent
@@ -89,6 +88,7 @@ def test_file_records_carry_a_version_that_changes_when_the_file_is_replaced(tmp
     assert [r.version for r in open_source(str(manifest))][1] is None  # missing: its decoding says so
     pq.write_table(pa.table({"image": [images[0].read_bytes()]}), manifest)
     assert next(iter(open_source(str(manifest)))).version is None  # bytes: nothing to tell versions by
+
 
 @pytest.mark.parametrize(
     ("name", "message"),

@@ -37,6 +37,7 @@ DEFAULT_IMAGE_COLUMN = "image"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+
 @dataclass(frozen=True)
 class Source:
     """A lazy, re-iterable collection of `ImageRecord`s.
