@@ -89,9 +89,10 @@ def test_folder_captions_equal_the_engine_and_carry_metadata(folder, tmp_path, c
         assert (r["finish_reason"], r["num_tokens"] == 8) in {("length", True), ("eos", False)}
     meta = pq.read_metadata(out).metadata
     settings = json.loads(meta[b"vlmbatch.settings"])
-    assert settings["model"] == str(ckpt) and settings["prompt"] == "caption en"
-    assert settings["generation"]["max_new_tokens"] == 8
-    assert meta[b"vlmbatch.model_fingerprint"] and meta[b"vlmbatch.version"]
+    assert settings["prompt"] == "caption en" and settings["generation"]["max_new_tokens"] == 8
+    assert settings["weights"] == meta[b"vlmbatch.model_fingerprint"].decode() == resolve_checkpoint(
+        str(ckpt)).fingerprint()
+    assert meta[b"vlmbatch.model"].decode() == str(ckpt) and meta[b"vlmbatch.version"]
 
 
 @pytest.mark.parametrize("cpu_matmul, header", [("torch", None), ("onednn", "oneDNN matmuls)"),
@@ -463,6 +464,25 @@ def test_overwrite_and_settings_mismatch(folder, tmp_path, ckpt):
     caption(folder, out, ckpt, "--prompt", "caption es", "--overwrite", "--limit", 1)
     table = rows(out)
     assert len(table) == 1 and table[0]["prompt"] == "caption es"
+
+
+def test_the_same_weights_named_another_way_resume_and_other_weights_are_refused(folder, tmp_path, ckpt,
+                                                                                make_ckpt, monkeypatch):
+    """A scheduled job names the model by an absolute path, a person by a relative one, and a
+    checkpoint may move: the weights, not the name, decide whether an output can be added to."""
+    out = tmp_path / "caps.parquet"
+    caption(folder, out, ckpt, "--limit", 2)
+    moved = shutil.copytree(ckpt, tmp_path / "moved-checkpoint")
+    monkeypatch.chdir(ckpt.parent)
+    caption(folder, out, ckpt.name, "--limit", 2)  # relative
+    caption(folder, out, moved)
+    table = rows(out)
+    assert len(table) == 6 and len({r["id"] for r in table}) == 6
+    assert pq.read_metadata(out).metadata[b"vlmbatch.model"].decode() == str(moved)  # the last run's name
+    other = make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0, seed=1).path
+    result = caption(folder, out, other, expect=2)
+    assert "different settings (weights: " in result.output and "--overwrite" in result.output
+    assert rows(out) == table
 
 
 @pytest.mark.slow

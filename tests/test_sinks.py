@@ -386,6 +386,20 @@ def test_settings_mismatch_with_leftover_parts_only(out: Path) -> None:
         open_sink(out, settings={**SETTINGS, "model": "other"})
 
 
+def test_a_setting_no_longer_recorded_is_not_compared_but_a_new_one_is(out: Path) -> None:
+    """Output written when a setting was recorded that no longer is (the model's name, before the
+    weights alone identified the model) is resumed; a setting the old output lacks is a difference."""
+    with open_sink(out, settings={**SETTINGS, "retired": "any value"}) as sink:
+        sink.write(rows(0, 3))
+    with open_sink(out) as sink:
+        assert sorted(k for (k,) in sink.done_keys()) == sorted(ids_in(out)) == ["00000", "00001", "00002"]
+        sink.write(rows(3, 4))
+    assert len(ids_in(out)) == 4
+    assert json.loads(pq.read_schema(out).metadata[SETTINGS_KEY.encode()]) == SETTINGS
+    with pytest.raises(VlmbatchError, match=r"different settings \(added: \(unset\) -> 1\)"):
+        open_sink(out, settings={**SETTINGS, "added": 1})
+
+
 def test_schema_mismatch(out: Path) -> None:
     open_sink(out).close()
     other = pa.schema([("id", pa.string()), ("caption", pa.large_string()), ("answer", pa.string())])

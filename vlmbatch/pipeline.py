@@ -192,10 +192,12 @@ class Job:
         return group_by_image(load_questions(spec.questions)) if spec.questions else None
 
     def settings(self) -> dict:
-        """What decides the outputs; a resumed run must match them."""
+        """What decides the outputs; a resumed run must match them. The model is its weights'
+        fingerprint, not the name it was given: a relative path, an absolute one and a Hub id of the
+        same weights resume one another's output (the name is kept in the metadata)."""
         spec = self.spec
         prompt = {"prompt": spec.prompt} if spec.task == "caption" else {"prompt_template": spec.prompt_template}
-        return {"task": spec.task, "model": spec.model, "weights": self.fingerprint, "dtype": str(self.dtype),
+        return {"task": spec.task, "weights": self.fingerprint, "dtype": str(self.dtype),
                 **prompt, "generation": spec.generation.as_dict()}
 
     def metadata(self) -> dict[str, str]:

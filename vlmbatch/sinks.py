@@ -97,8 +97,9 @@ class ParquetSink:
     `key` names the columns that identify a row (what resume skips on). A row whose `failure_column`
     is set (non-null: the reason) failed: `done_keys` leaves its key out. `version_column` names what
     `done_keys` reports beside each key (which version of the input the row was made from).
-    `settings` (JSON-able) must match those of any existing output; `metadata` entries are stored as
-    they are, not compared.
+    `settings` (JSON-able) must match those of any existing output (a top-level setting the existing
+    output has and `settings` lacks is not compared); `metadata` entries are stored as they are, not
+    compared.
     """
 
     def __init__(
@@ -258,7 +259,9 @@ class ParquetSink:
         stored = (existing.metadata or {}).get(SETTINGS_KEY.encode())
         if stored is None:
             raise VlmbatchError(f"{path} was not written by vlmbatch (no settings in it); {_OVERWRITE_HINT}")
-        old_settings = json.loads(stored)
+        # Only what this run records is compared: a setting that an earlier vlmbatch recorded and this
+        # one no longer does has stopped deciding the outputs (the model's name: its weights decide).
+        old_settings = {name: value for name, value in json.loads(stored).items() if name in self._settings}
         if old_settings != self._settings:
             diff = _settings_diff(old_settings, self._settings)
             raise VlmbatchError(f"{path} was written with different settings ({diff}); {_OVERWRITE_HINT}")
