@@ -40,6 +40,20 @@ def test_run_command_resumes_over_a_growing_folder(tmp_path, make_ckpt):
     assert sorted(r["id"] for r in pq.read_table(tmp_path / "alt.parquet").to_pylist()) == ["a.png", "b.png"]
 
 
+def test_a_relative_model_path_is_taken_from_the_spec_folder_and_a_hub_id_is_left_alone(tmp_path, monkeypatch):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "models" / "pg").mkdir(parents=True)
+    (tmp_path / "jobs" / "checkpoints" / "pg").mkdir(parents=True)
+    spec = tmp_path / "jobs" / "job.toml"
+    monkeypatch.chdir(tmp_path / "models")  # where a relative path would otherwise lead
+    cases = {"../models/pg": str(tmp_path / "models" / "pg"), "checkpoints/pg": str(spec.parent / "checkpoints/pg"),
+             "google/paligemma2-3b-mix-224": "google/paligemma2-3b-mix-224", "pg": "pg",
+             str(tmp_path / "models" / "pg"): str(tmp_path / "models" / "pg")}
+    for given, expected in cases.items():
+        spec.write_text(f'task = "caption"\nsource = "x"\nout = "y.parquet"\nmodel = "{given}"\n')
+        assert load_job_spec(spec).model == expected, given
+
+
 def test_generation_settings_are_set_at_either_level_and_overridden_by_either_name(tmp_path):
     spec = tmp_path / "job.toml"
     spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nmax_new_tokens = 12\n'

@@ -1,7 +1,9 @@
 """Declarative job specs (`pipelines/*.toml`) for scheduled runs: `vlmbatch run SPEC.toml`.
 
 A spec names the same things as the command-line flags. Relative paths are taken from the spec
-file's folder, so a cron entry works whatever its working directory.
+file's folder, so a cron entry works whatever its working directory. So is a relative model path:
+one that starts with '.' or names a folder beside the spec; anything else is passed on as given
+(a Hub id, owner/name).
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     for key in _PATH_KEYS:
         if isinstance(raw.get(key), str) and not Path(raw[key]).expanduser().is_absolute():
             raw[key] = os.path.normpath(path.parent.absolute() / raw[key])
+    model = raw.get("model")
+    if isinstance(model, str) and not Path(model).expanduser().is_absolute():
+        beside = path.parent.absolute() / model
+        if model.startswith(".") or beside.is_dir():
+            raw["model"] = os.path.normpath(beside)
     raw["out"] = Path(raw["out"]).expanduser()
     try:
         return JobSpec(generation=GenerationSettings(**generation), **raw)
