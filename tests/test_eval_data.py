@@ -284,6 +284,18 @@ def test_vqa_hub_dataset_with_answer_dicts(monkeypatch):
     assert len(records) == 1 and isinstance(records[0].image, bytes)
 
 
+def test_an_unreachable_hub_says_how_to_pass_a_local_copy(monkeypatch):
+    def offline(name, split):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(VlmbatchError) as info:
+        load_caption_set("coco")
+    message = str(info.value)
+    assert message.startswith("could not reach the Hub to load 'yerevann/coco-karpathy' (Couldn't reach")
+    assert "pass a local copy with --data" in message and "\n" not in message
+
+
 def test_vqa_saved_dataset_with_answer_strings(tmp_path):
     datasets.Dataset.from_dict({"question_id": ["q1"], "question": ["What?"], "image_id": ["im1"],
                                 "answers": [["cat"] * 10]}).save_to_disk(str(tmp_path / "vqa"))

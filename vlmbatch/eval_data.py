@@ -329,7 +329,8 @@ def _open_dataset(datasets: Any, data: str, split: str):
         except FileNotFoundError:
             raise VlmbatchError(f"{data!r} is neither a local path nor a dataset on the Hub") from None
         except ConnectionError as exc:
-            raise VlmbatchError(f"could not reach the Hub to load {data!r} ({exc}); pass a local copy") from None
+            raise VlmbatchError(f"could not reach the Hub to load {data!r} ({exc}); pass a local copy with --data "
+                                "(an annotation file, a folder of annotations and images, or a saved dataset)") from None
     raise VlmbatchError(f"dataset {data!r} has no split {split!r}: {errors[0].splitlines()[0]}")
 
 
