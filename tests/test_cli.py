@@ -165,6 +165,44 @@ def test_saved_dataset_and_manifest(folder, tmp_path, ckpt):
     assert {r["id"]: r["caption"] for r in rows(out2)} == {f.stem: expected[f"k{i}"] for i, f in enumerate(files)}
 
 
+def test_a_manifest_resorted_and_grown_at_the_top_resumes_by_image_path(folder, tmp_path, ckpt, monkeypatch):
+    """A scheduled job over a manifest that is regenerated between runs (new uploads first): each
+    caption stays with its image, and only the new image goes through the model."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    manifest = folder / "manifest.csv"
+    manifest.write_text("image\n" + "".join(f"{name}\n" for name in files[1:4]))
+    out = tmp_path / "caps.parquet"
+    caption(manifest, out, ckpt)
+    first = {r["id"]: r["caption"] for r in rows(out)}
+    assert sorted(first) == files[1:4]
+    manifest.write_text("image\n" + "".join(f"{name}\n" for name in [files[0], *reversed(files[1:4])]))
+    encoded = []
+    original = SiglipVisionTower.forward
+    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    caption(manifest, out, ckpt)
+    assert sum(encoded) == 1
+    table = {r["id"]: r["caption"] for r in rows(out)}
+    assert table == direct_captions(ckpt, {name: folder / name for name in files[:4]})
+    assert {name: table[name] for name in first} == first
+
+
+def test_a_source_that_repeats_an_id_gets_one_row_for_it_from_its_first_record(folder, tmp_path, ckpt):
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    manifest = folder / "manifest.csv"  # an id column with a repeat, and one path listed twice
+    manifest.write_text(f"image,id\n{files[0]},a\n{files[1]},b\n{files[2]},a\n{files[1]},b\n")
+    out = tmp_path / "caps.parquet"
+    result = caption(manifest, out, ckpt, "--batch-size", 2)
+    assert "skipped 2 source record(s) whose id an earlier record of this run had" in result.output
+    captions = {r["id"]: r["caption"] for r in rows(out)}
+    assert len(rows(out)) == 2 and captions == direct_captions(ckpt, {"a": folder / files[0], "b": folder / files[1]})
+    manifest.write_text(f"image\n{files[0]}\n./{files[0]}\n{files[1]}\n")
+    answers = tmp_path / "answers.parquet"
+    result = invoke("vqa", manifest, "--question", "what is this?", "--out", answers, "--model", ckpt,
+                    "--max-new-tokens", 4, "--workers", 0, "--quiet")
+    assert result.output.count("skipped 1 source record(s)") == 1
+    assert sorted(r["id"] for r in rows(answers)) == files[:2]
+
+
 # -- VQA ------------------------------------------------------------------------------------------
 def test_vqa_several_questions_per_image_encode_each_image_once(folder, tmp_path, ckpt, monkeypatch):
     images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[:3]

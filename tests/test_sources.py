@@ -191,6 +191,7 @@ def test_parquet_manifest_with_bytes(tmp_path: Path, images: list[Path]) -> None
     pq.write_table(table, manifest)
     records = list(open_source(str(manifest)))
     assert all(isinstance(r.image, bytes) for r in records)
+    assert [r.id for r in records] == ["0", "1", "2"]  # no path to know them by: the row index
     assert [color_of(r) for r in records] == COLORS
     assert records[1].extra == {"caption": "g"}
 
@@ -201,6 +202,7 @@ def test_parquet_manifest_with_image_feature_struct(tmp_path: Path, images: list
     records = list(open_source(str(manifest)))
     assert [color_of(r) for r in records] == COLORS
     assert records[0].extra == {"name": "img-0", "label": 0}
+    assert [r.id for r in records] == ["0", "1", "2"]
 
 
 def test_jsonl_and_csv_manifests(tmp_path: Path, images: list[Path]) -> None:
@@ -208,10 +210,21 @@ def test_jsonl_and_csv_manifests(tmp_path: Path, images: list[Path]) -> None:
     jsonl.write_text("".join(json.dumps({"image": f"images/{i}.png", "k": i}) + "\n" for i in range(3)))
     csv = tmp_path / "data" / "m.csv"
     csv.write_text("image,k\n" + "".join(f"{images[i]},{i}\n" for i in range(3)))  # absolute paths
-    for manifest in (jsonl, csv):
+    for manifest, written in ((jsonl, [f"images/{i}.png" for i in range(3)]), (csv, [str(p) for p in images])):
         records = list(open_source(str(manifest)))
         assert [color_of(r) for r in records] == COLORS
         assert [r.extra["k"] for r in records] == [0, 1, 2]
+        assert [r.id for r in records] == written  # without an id column, each image's path as written
+
+
+def test_a_manifest_id_column_is_used_unless_another_is_named(tmp_path: Path, images: list[Path]) -> None:
+    manifest = tmp_path / "data" / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"images/{i}.png", "id": 10 + i, "uid": f"u{i}"}) + "\n"
+                                for i in range(3)))
+    assert [r.id for r in open_source(str(manifest))] == ["10", "11", "12"]
+    assert [r.id for r in open_source(str(manifest), id_column="uid")] == ["u0", "u1", "u2"]
+    manifest.write_text(json.dumps({"image": "./images/0.png"}) + "\n")  # spelled as a questions file's image
+    assert [r.id for r in open_source(str(manifest))] == ["images/0.png"]
 
 
 def test_folder_of_data_files_is_one_manifest(tmp_path: Path, images: list[Path]) -> None:
@@ -298,5 +311,7 @@ def test_each_unreadable_image_gets_its_own_reason(broken_image_files):
         load_image(b"")
     with pytest.raises(ImageDecodeError, match="^https URLs are not fetched: download the images first"):
         load_image("https://example.com/cat.jpg")
-    with pytest.raises(ImageDecodeError, match="^file not found$"):
-        load_image(str(broken_image_files["empty_jpg"]) + ".gone")
+    gone = str(broken_image_files["empty_jpg"]) + ".gone"
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(gone)
+    assert str(info.value) == f"file not found: {gone}"  # where it looked, for a manifest's relative path

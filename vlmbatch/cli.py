@@ -55,7 +55,7 @@ LimitOpt = typer.Option(None, "--limit", min=1,
 OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
 SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
 ImageColOpt = typer.Option(None, "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
-IdColOpt = typer.Option(None, "--id-column", help="Dataset column holding record ids (default: the row index).")
+IdColOpt = typer.Option(None, "--id-column", help="Dataset column holding record ids (default: 'id' if present, else an image path as written, else the row index).")
 WorkersOpt = typer.Option(None, "--workers", min=0, help="Image-decoding processes (0: decode in the main process). "
                           "Default: 0 on a CPU-only run, else cores - 1 (at most 8).")
 FlushOpt = typer.Option(256, "--flush-rows", min=1, help="Rows buffered before they are saved (a crash loses at most these).")
@@ -286,6 +286,10 @@ def _run(job: Job, quiet: bool) -> Summary:
         summary = job.run(update)
     if not quiet:
         _print_summary(summary)
+    if summary.duplicate_ids:  # images left out: said even with --quiet
+        console.print(f"[yellow]warning:[/] skipped {summary.duplicate_ids} source record(s) whose id an earlier "
+                      "record of this run had (the first one counts); give --id-column a column of unique ids",
+                      highlight=False, soft_wrap=True)
     return summary
 
 
@@ -328,6 +332,8 @@ def _print_summary(summary: Summary) -> None:
         table.add_row("retried (earlier errors)", str(summary.retried))
     if summary.replaced:
         table.add_row("redone (image replaced)", str(summary.replaced))
+    if summary.duplicate_ids:
+        table.add_row("duplicate ids (skipped)", str(summary.duplicate_ids))
     table.add_row("images processed", str(summary.images))
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("throughput", f"{summary.images_per_second:.2f} images/s")

@@ -16,8 +16,9 @@ from datasets.features.features import require_decoding
 from huggingface_hub.errors import GatedRepoError
 
 from vlmbatch.errors import VlmbatchError
+from vlmbatch.questions import normalize_image_key
 from vlmbatch.records import ImageRecord, ImageRef, file_version
-from vlmbatch.sources import DEFAULT_IMAGE_COLUMN, DEFAULT_SPLIT, MANIFEST_BUILDERS, Columns, Source
+from vlmbatch.sources import DEFAULT_ID_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_SPLIT, MANIFEST_BUILDERS, Columns, Source
 
 # What reading a dataset can raise when the data (not our code) is at fault.
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetsError)
@@ -104,7 +105,8 @@ def _dataset_source(
     """Validate the columns, switch image decoding off and wrap the dataset as a `Source`."""
     names = _column_names(dataset, description)
     image_column = columns.image or _default_image_column(dataset.features)
-    for option, column in (("--image-column", image_column), ("--id-column", columns.id)):
+    id_column = columns.id or (DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in names else None)
+    for option, column in (("--image-column", image_column), ("--id-column", id_column)):
         if column is not None and column not in names:
             raise VlmbatchError(
                 f"no column {column!r} in {description} (set {option}); available columns: {', '.join(names)}"
@@ -115,7 +117,7 @@ def _dataset_source(
         dataset = dataset.select_columns([image_column, *passthrough])
         if isinstance(dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    reader = _DatasetReader(dataset, image_column, columns.id, passthrough, base_dir, description)
+    reader = _DatasetReader(dataset, image_column, id_column, passthrough, base_dir, description)
     return Source(description=description, size=size, records=reader.records)
 
 
@@ -168,9 +170,16 @@ class _DatasetReader:
             raise VlmbatchError(f"cannot read {self.description}: {_one_line(exc)}") from exc
 
     def _record(self, index: int, row: Mapping[str, Any]) -> ImageRecord:
-        record_id = str(row[self.id_column]) if self.id_column else str(index)
+        """The id: the id column's value; without one, an image given as a path is known by that path
+        as written (so a manifest re-sorted or grown at the top between runs still resumes), spelled as
+        a questions file's image is (`normalize_image_key`), other images by their row index."""
+        value = row[self.image_column]
+        if self.id_column:
+            record_id = str(row[self.id_column])
+        else:
+            record_id = normalize_image_key(value) if isinstance(value, str) and value else str(index)
         extra = {name: _json_simple(row[name]) for name in self.passthrough}
-        image = self._image_ref(row[self.image_column])
+        image = self._image_ref(value)
         version = file_version(image) if isinstance(image, str) else None  # a URL has no file: None
         return ImageRecord(id=record_id, image=image, extra=extra, version=version)
 

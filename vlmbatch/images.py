@@ -62,7 +62,7 @@ def load_image(ref: ImageRef) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large (decompression-bomb limit): {exc}") from None
     except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
+        raise ImageDecodeError(f"file not found: {os.fspath(ref)}") from None
     except Image.UnidentifiedImageError:
         if not isinstance(ref, (bytes, bytearray)) and os.path.getsize(ref) == 0:
             raise ImageDecodeError("empty file") from None

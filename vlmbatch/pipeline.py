@@ -61,7 +61,8 @@ class Summary:
     already_done: int = 0  # rows the output already held
     retried: int = 0  # rows tried again because the output held only an error for them
     replaced: int = 0  # rows made again because their image file was replaced since
-    images_skipped: int = 0  # source records with nothing left to do
+    images_skipped: int = 0  # source records with nothing left to do (duplicate ids included)
+    duplicate_ids: int = 0  # source records skipped because an earlier one of this run had their id
     images: int = 0
     seconds: float = 0.0
     generated_tokens: int = 0
@@ -211,12 +212,19 @@ class Job:
         """Images with rows still to produce: none yet, only an error (in `failed`), or one made from
         another version of the image file (`done` maps keys to the versions their rows were made
         from). At most `limit` that are not only retries: files that stay broken would use up every
-        run's limit otherwise."""
+        run's limit otherwise. An id holds one row: a record whose id an earlier one of this run had is
+        skipped (the first counts) and counted in `summary.duplicate_ids`."""
         counted = 0
+        seen: set[str] = set()
         self.source_exhausted = False
         for record in self.source:
             if self.spec.limit is not None and counted >= self.spec.limit:
                 return
+            if record.id in seen:
+                summary.duplicate_ids += 1
+                summary.images_skipped += 1
+                continue
+            seen.add(record.id)
             prompts = self._prompts(record)
             todo = [p for p in prompts if p[0] not in done or _replaced(done[p[0]], record.version)]
             retried = sum(key in failed for key, _, _ in todo)

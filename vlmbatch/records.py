@@ -17,7 +17,8 @@ class ImageRecord:
     """One image to process.
 
     `id` is stable across runs (it is what resume keys on): for folders the path relative to the
-    source root with `/` separators, for datasets the id column's value or the row index.
+    source root with `/` separators, for datasets and manifests the id column's value, else an image
+    path as the rows write it, else the row index.
     `version` tells one content of the image under that id from another: for an image file, its size
     and modification time (see `file_version`), so that a run can tell a file replaced since its row was
     written; None where nothing tells (bytes, dataset rows).

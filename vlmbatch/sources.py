@@ -34,6 +34,7 @@ SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 # The split used when a dataset has several and none is asked for: evaluation runs want held-out data.
 DEFAULT_SPLIT = "test"
 DEFAULT_IMAGE_COLUMN = "image"
+DEFAULT_ID_COLUMN = "id"  # used when present and no --id-column is given
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
