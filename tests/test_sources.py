@@ -70,6 +70,16 @@ def test_single_image_file(images: list[Path]) -> None:
     assert record.id == "1.png" and color_of(record) == COLORS[1]
 
 
+def test_only_sources_whose_ids_cannot_repeat_say_so(tmp_path: Path, images) -> None:
+    """A folder walk or one file never repeats an id, so a run need not remember ids (memory stays
+    flat over millions of files); a manifest may list an image or an id twice."""
+    manifest = tmp_path / "data" / "m.parquet"
+    pq.write_table(pa.table({"image": ["images/0.png", "images/0.png"]}), manifest)
+    assert open_source(str(images[0].parent)).unique_ids and open_source(str(images[0])).unique_ids
+    assert not open_source(str(manifest)).unique_ids
+    assert [r.id for r in open_source(str(manifest))] == ["images/0.png"] * 2  # the run skips the repeat
+
+
 def test_file_records_carry_a_version_that_changes_when_the_file_is_replaced(tmp_path: Path, images) -> None:
     """What lets a scheduled run tell a replaced image from the one it captioned: size and mtime."""
     folder = images[0].parent

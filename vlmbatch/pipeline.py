@@ -215,16 +215,17 @@ class Job:
         run's limit otherwise. An id holds one row: a record whose id an earlier one of this run had is
         skipped (the first counts) and counted in `summary.duplicate_ids`."""
         counted = 0
-        seen: set[str] = set()
+        seen: set[str] | None = None if self.source.unique_ids else set()  # a folder's ids cannot repeat
         self.source_exhausted = False
         for record in self.source:
             if self.spec.limit is not None and counted >= self.spec.limit:
                 return
-            if record.id in seen:
-                summary.duplicate_ids += 1
-                summary.images_skipped += 1
-                continue
-            seen.add(record.id)
+            if seen is not None:
+                if record.id in seen:
+                    summary.duplicate_ids += 1
+                    summary.images_skipped += 1
+                    continue
+                seen.add(record.id)
             prompts = self._prompts(record)
             todo = [p for p in prompts if p[0] not in done or _replaced(done[p[0]], record.version)]
             retried = sum(key in failed for key, _, _ in todo)

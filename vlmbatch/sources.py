@@ -45,11 +45,14 @@ class Source:
 
     `size` is the number of records when it is known without reading them (saved datasets, Parquet
     manifests, Hub splits with published sizes), for a progress bar; otherwise None.
+    `unique_ids` is True where no id can come twice (a folder's relative paths, one file), so a run
+    need not remember the ids it has seen to skip repeats.
     """
 
     description: str
     size: int | None
     records: Callable[[], Iterator[ImageRecord]] = field(repr=False)  # a fresh iterator per call
+    unique_ids: bool = False
 
     def __iter__(self) -> Iterator[ImageRecord]:
         return self.records()
@@ -98,7 +101,7 @@ def _open_file(path: Path, columns: Columns) -> Source:
         def record() -> Iterator[ImageRecord]:  # the file's version as of each run
             yield ImageRecord(id=path.name, image=str(path), version=file_version(path))
 
-        return Source(description=f"image {path}", size=1, records=record)
+        return Source(description=f"image {path}", size=1, records=record, unique_ids=True)
     if suffix in MANIFEST_BUILDERS:
         from vlmbatch.dataset_sources import open_manifest
 
@@ -141,7 +144,7 @@ def _open_image_folder(root: Path) -> Source:
     if next(_walk_images(root), None) is None:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise VlmbatchError(f"no images found in folder {root} (looked for {extensions})")
-    return Source(description=f"folder {root}", size=None, records=lambda: _walk_images(root))
+    return Source(description=f"folder {root}", size=None, records=lambda: _walk_images(root), unique_ids=True)
 
 
 def _walk_images(root: Path) -> Iterator[ImageRecord]:
