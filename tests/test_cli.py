@@ -504,8 +504,8 @@ def test_overwrite_and_settings_mismatch(folder, tmp_path, ckpt):
     assert len(table) == 1 and table[0]["prompt"] == "caption es"
 
 
-def test_the_same_weights_named_another_way_resume_and_other_weights_are_refused(folder, tmp_path, ckpt,
-                                                                                make_ckpt, monkeypatch):
+def test_the_same_weights_named_another_way_resume_and_other_weights_are_refused(
+        folder, tmp_path, ckpt, make_ckpt, monkeypatch):
     """A scheduled job names the model by an absolute path, a person by a relative one, and a
     checkpoint may move: the weights, not the name, decide whether an output can be added to."""
     out = tmp_path / "caps.parquet"
