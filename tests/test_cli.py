@@ -557,6 +557,20 @@ def test_decode_workers_default_to_spare_cores_beside_an_accelerator_only():
     assert 1 <= default_workers([torch.device("cuda", 0), torch.device("cuda", 1)]) <= 8
 
 
+@pytest.mark.parametrize("name, text", [("m.jsonl", '{"image": "a.jpg"}\nnot json\n'),
+                                        ("m.csv", 'image\n"unterminated\n')])
+def test_a_broken_manifest_is_one_line_on_stderr(tmp_path, ckpt, name, text):
+    """The reader `datasets` logs its own error before raising it; the user gets ours, once."""
+    manifest = tmp_path / name
+    manifest.write_text(text)
+    run = subprocess.run([sys.executable, "-m", "vlmbatch", "caption", str(manifest), "--out",
+                          str(tmp_path / "out.parquet"), "--model", str(ckpt), "--quiet"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [run.stderr.strip()] and run.stderr.startswith(
+        f"error: cannot read manifest {manifest}: ")
+
+
 def test_console_script_stays_light_for_spawned_workers():
     """A spawned decode process re-runs the program's main script. The `vlmbatch` script imports its
     entry point from `vlmbatch.__main__`, which must not import torch or the command line (seconds of

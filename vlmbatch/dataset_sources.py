@@ -4,6 +4,7 @@ datasets. Split from `sources` so that plain image folders never pay for importi
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ def open_saved_dataset(path: Path, split: str | None, columns: Columns) -> Sourc
 def open_manifest(files: list[Path], columns: Columns, description: str) -> Source:
     """Stream data files with `datasets`; relative image paths resolve from the files' folder."""
     builder = MANIFEST_BUILDERS[files[0].suffix.lower()]
+    # The builder logs a bad file's error and raises it, which becomes our one-line error: not twice.
+    logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
     empty = [f for f in files if f.stat().st_size == 0]
     if empty:  # `datasets` fails on these with a bare StopIteration
         raise VlmbatchError(f"manifest file {empty[0]} is empty")
