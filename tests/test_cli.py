@@ -58,6 +58,14 @@ def caption(folder, out, ckpt, *extra, expect=0):
                   "--quiet", *extra, expect=expect)
 
 
+def encoded_images(monkeypatch) -> list[int]:
+    """From now on, the number of images of each vision-tower call (what a resume must not redo)."""
+    encoded: list[int] = []
+    original = SiglipVisionTower.forward
+    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    return encoded
+
+
 def rows(path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
@@ -176,9 +184,7 @@ def test_a_manifest_resorted_and_grown_at_the_top_resumes_by_image_path(folder, 
     first = {r["id"]: r["caption"] for r in rows(out)}
     assert sorted(first) == files[1:4]
     manifest.write_text("image\n" + "".join(f"{name}\n" for name in [files[0], *reversed(files[1:4])]))
-    encoded = []
-    original = SiglipVisionTower.forward
-    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    encoded = encoded_images(monkeypatch)
     caption(manifest, out, ckpt)
     assert sum(encoded) == 1
     table = {r["id"]: r["caption"] for r in rows(out)}
@@ -212,9 +218,7 @@ def test_vqa_several_questions_per_image_encode_each_image_once(folder, tmp_path
     lines.append({"image": "missing.jpg", "question": "anything?", "question_id": "lost"})
     questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
-    encoded = []
-    original = SiglipVisionTower.forward
-    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    encoded = encoded_images(monkeypatch)
     out = tmp_path / "answers.parquet"
     invoke("vqa", folder, "--questions", questions, "--out", out, "--model", ckpt, "--max-new-tokens", 6,
            "--workers", 0, "--quiet")
@@ -363,9 +367,7 @@ def test_rerun_processes_only_new_images(folder, tmp_path, ckpt, monkeypatch):
     first = {r["id"]: r["caption"] for r in rows(out)}
     (folder / "new").mkdir()
     real_photos()["coins"].save(folder / "new" / "coins-copy.PNG")
-    encoded = []
-    original = SiglipVisionTower.forward
-    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    encoded = encoded_images(monkeypatch)
     caption(folder, out, ckpt)
     assert sum(encoded) == 1
     second = {r["id"]: r["caption"] for r in rows(out)}
@@ -428,9 +430,7 @@ def test_an_image_replaced_since_its_caption_is_captioned_again(folder, tmp_path
     target = sorted(folder.rglob("*.jpg"))[0]
     replaced = target.relative_to(folder).as_posix()
     real_photos()["coins"].convert("RGB").save(target)
-    encoded = []
-    original = SiglipVisionTower.forward
-    monkeypatch.setattr(SiglipVisionTower, "forward", lambda self, px: encoded.append(len(px)) or original(self, px))
+    encoded = encoded_images(monkeypatch)
     result = invoke("caption", folder, "--out", out, "--model", ckpt, "--max-new-tokens", 8, "--workers", 0)
     assert sum(encoded) == 1
     assert re.search(r"redone \(image replaced\)\s*│\s*1\s", result.output), result.output
