@@ -17,8 +17,7 @@ from datasets.features.features import require_decoding
 from huggingface_hub.errors import GatedRepoError
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.questions import normalize_image_key
-from vlmbatch.records import ImageRecord, ImageRef, file_version
+from vlmbatch.records import ImageRecord, ImageRef, file_version, normalize_image_key
 from vlmbatch.sources import DEFAULT_ID_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_SPLIT, MANIFEST_BUILDERS, Columns, Source
 
 # What reading a dataset can raise when the data (not our code) is at fault.

@@ -17,7 +17,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.records import Question
+from vlmbatch.records import Question, normalize_image_key
 
 REQUIRED_COLUMNS = ("image", "question")
 QUESTION_FILE_EXTENSIONS = (".jsonl", ".csv", ".parquet")
@@ -42,14 +42,6 @@ def group_by_image(questions: Iterable[Question]) -> dict[str, list[Question]]:
     for question in questions:
         groups.setdefault(question.image, []).append(question)
     return groups
-
-
-def normalize_image_key(image: str) -> str:
-    """Spell an image reference the way folder sources spell record ids: '/' separators, no leading './'."""
-    key = image.replace("\\", "/")
-    while key.startswith("./"):
-        key = key[2:]
-    return key
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

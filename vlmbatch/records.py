@@ -31,6 +31,14 @@ class ImageRecord:
     version: str | None = None
 
 
+def normalize_image_key(image: str) -> str:
+    """Spell an image reference the way folder sources spell record ids: '/' separators, no leading './'."""
+    key = image.replace("\\", "/")
+    while key.startswith("./"):
+        key = key[2:]
+    return key
+
+
 def file_version(path: str | os.PathLike) -> str | None:
     """`"<size>:<mtime in ns>"` of a file, None if it cannot be read (its decoding will say why).
 
