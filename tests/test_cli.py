@@ -318,7 +318,8 @@ def test_a_log_gets_a_progress_line_that_says_what_was_read_and_what_written(fol
     result = invoke("caption", folder, "--out", tmp_path / "p.parquet", "--model", ckpt, "--max-new-tokens", 4,
                     "--workers", 0)
     line = next(line for line in result.output.splitlines() if line.startswith("caption: "))
-    assert re.fullmatch(r"caption: \d+(/\d+)? images read, \d+ rows written, 0 errors, [\d.]+ rows/s", line), line
+    assert re.fullmatch(r"caption: \d+/6 images \(\d+ processed, \d+ skipped\), \d+ rows written, 0 errors, "
+                        r"[\d.]+ rows/s, \d+:\d\d:\d\d left", line), line
 
 
 @pytest.mark.parametrize("case, args, message", [

@@ -190,7 +190,15 @@ def test_one_caption_per_row_is_grouped_by_image(tmp_path):
     assert not bench.has_images()
 
 
-def test_hub_dataset_via_load_dataset(monkeypatch):
+@pytest.fixture
+def hub_answers(monkeypatch):
+    """The Hub's one probe request answers: these tests fake `datasets.load_dataset` as the Hub."""
+    import vlmbatch.eval_data
+
+    monkeypatch.setattr(vlmbatch.eval_data, "why_unreachable", lambda: None)
+
+
+def test_hub_dataset_via_load_dataset(monkeypatch, hub_answers):
     calls = []
 
     def fake_load_dataset(name, split):
@@ -262,7 +270,7 @@ def test_vqa_folder_without_pair_or_split(tmp_path, vqa_folder):
     assert load_vqa_set(vqa_folder, "validation").split == "val2014"
 
 
-def test_vqa_hub_dataset_with_answer_dicts(monkeypatch):
+def test_vqa_hub_dataset_with_answer_dicts(monkeypatch, hub_answers):
     table = datasets.Dataset.from_dict({
         "question_id": [5, 6], "question": ["Is it?", "How many?"], "image_id": [1, 1],
         "answers": [[{"answer": "yes", "answer_confidence": "yes", "answer_id": k} for k in range(10)],
@@ -284,7 +292,7 @@ def test_vqa_hub_dataset_with_answer_dicts(monkeypatch):
     assert len(records) == 1 and isinstance(records[0].image, bytes)
 
 
-def test_an_unreachable_hub_says_how_to_pass_a_local_copy(monkeypatch):
+def test_an_unreachable_hub_says_how_to_pass_a_local_copy(monkeypatch, hub_answers):
     def offline(name, split):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 

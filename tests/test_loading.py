@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from factory import drop_tensor, make_bin_checkpoint, make_checkpoint
+from factory import drop_tensor, make_bin_checkpoint, make_checkpoint, real_photos
+from vlmbatch.cli import app
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.config import PaliGemmaConfig
 from vlmbatch.model.loading import canonical_name, check_weights, load_model, resolve_checkpoint
@@ -153,3 +160,103 @@ def test_a_model_packed_for_onednn_keeps_no_mapping_of_the_checkpoint(make_ckpt)
     packed = load_model(checkpoint, cpu_matmul="onednn")
     assert not mapped()
     assert packed.text.embed_tokens.weight.is_contiguous()
+
+
+# -- a damaged config, tokenizer or weights file is one line (exit 2), found before any model is built ----
+def damaged_copy(ckpt, tmp_path, edit=None):
+    """A private copy of the session checkpoint `ckpt`; `edit(config)` rewrites its config.json."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(ckpt.path, path)
+    if edit is not None:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(edit(config)))
+    return path
+
+
+def caption_error(path, tmp_path) -> str:
+    """The one line `vlmbatch caption` stops with, run over one image with the checkpoint at `path`."""
+    (tmp_path / "images").mkdir(exist_ok=True)
+    next(iter(real_photos().values())).convert("RGB").save(tmp_path / "images" / "a.jpg")
+    result = CliRunner().invoke(app, ["caption", str(tmp_path / "images"), "--out", str(tmp_path / "o.parquet"),
+                                      "--model", str(path), "--workers", "0"])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def _set(section, key, value):
+    def edit(config):
+        (config[section] if section else config)[key] = value
+        return config
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda config: [config], "the config must be a JSON object, got list"),
+    (_set("vision_config", "patch_size", 0), "vision_config.patch_size must be a positive integer, got 0"),
+    (_set("text_config", "num_hidden_layers", "2"), "text_config.num_hidden_layers must be a positive integer, got '2'"),
+    (_set("text_config", "hidden_size", 64.5), "text_config.hidden_size must be a positive integer, got 64.5"),
+    (_set("text_config", "num_key_value_heads", True), "text_config.num_key_value_heads must be a positive integer"),
+    (_set("text_config", "rms_norm_eps", -1), "text_config.rms_norm_eps must be a positive number, got -1"),
+    (_set("text_config", "rope_scaling", "linear"), "text_config.rope_parameters must be a JSON object, got str"),
+    (_set("vision_config", "image_size", 7), "vision_config.image_size 7 is smaller than its patch_size 14"),
+    (_set("vision_config", "num_attention_heads", 5), "vision_config.hidden_size 32 is not a multiple of "
+                                                      "num_attention_heads 5"),  # the factory's SigLIP width
+    (_set("", "tie_word_embeddings", "false"), "tie_word_embeddings must be true or false, got 'false'"),
+    (_set("", "image_token_index", 10**6), "image_token_id 1000000 is outside the vocabulary"),
+    (_set("", "text_config", [1]), "text_config must be a JSON object, got list [1]"),
+], ids=["list", "patch_size 0", "layers as text", "float size", "bool count", "negative eps", "rope as text",
+        "image smaller than a patch", "heads", "tie as text", "token id", "text_config a list"])
+def test_a_bad_config_value_is_one_line_naming_its_key(make_ckpt, tmp_path, edit, message):
+    path = damaged_copy(make_ckpt("pg1_untied", "hub", image_size=28), tmp_path, edit)
+    with pytest.raises(VlmbatchError, match=re.escape(f"{path}: cannot read config.json: {message}")):
+        resolve_checkpoint(str(path)).config
+    assert message in caption_error(path, tmp_path)
+
+
+@pytest.mark.parametrize("section", ["text_config", "vision_config"])
+def test_a_config_asking_for_layers_the_weights_lack_is_refused_before_any_model_is_built(make_ckpt, tmp_path,
+                                                                                        section):
+    path = damaged_copy(make_ckpt("pg1_untied", "hub", image_size=28), tmp_path,
+                        _set(section, "num_hidden_layers", 100_000))
+    start = time.monotonic()
+    message = (f"weights do not match the config: config.json has {section}.num_hidden_layers = 100000, "
+               "the weight files hold 2 such layers")
+    for check in (check_weights, load_model):
+        with pytest.raises(VlmbatchError, match=re.escape(f"{path}: {message}")):
+            check(resolve_checkpoint(str(path)))
+    assert caption_error(path, tmp_path) == f"error: {path}: {message}"
+    assert time.monotonic() - start < 10  # building that model alone took over a minute
+
+
+def test_a_broken_tokenizer_is_one_line(make_ckpt, tmp_path):
+    path = damaged_copy(make_ckpt("pg1_untied", "hub", image_size=28), tmp_path)
+    (path / "tokenizer.json").write_text('{"model": ')
+    assert caption_error(path, tmp_path).startswith(f"error: cannot read {path / 'tokenizer.json'}: ")
+
+
+def test_a_weights_file_larger_than_memory_says_it_could_not_be_mapped(make_ckpt, tmp_path):
+    """A file larger than RAM and swap together cannot be mapped (kept sparse here: no disk is used)."""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("the kernel maps any size when it always overcommits")
+    path = damaged_copy(make_ckpt("pg1_untied", "hub", image_size=28), tmp_path)
+    size = 2 * (os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + _swap_bytes())
+    header = json.dumps({"vision_tower.vision_model.head.big": {"dtype": "U8", "shape": [size],
+                                                                "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    big = path / "zz-big.safetensors"
+    with open(big, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+    os.truncate(big, 8 + len(header) + size)
+    gb = f"{big.stat().st_size / (1 << 30):.1f} GB"
+    with pytest.raises(VlmbatchError, match=re.escape(f"{path}: zz-big.safetensors could not be memory-mapped: "
+                                                      f"the file is {gb}, ") + r"\d+\.\d GB of memory available"):
+        check_weights(resolve_checkpoint(str(path)))
+    assert "could not be memory-mapped" in caption_error(path, tmp_path)
+
+
+def _swap_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("SwapTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0

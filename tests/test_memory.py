@@ -3,6 +3,8 @@ refusal (with what to change) before a run that cannot fit is killed by the kern
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -12,7 +14,7 @@ from vlmbatch import memory
 from vlmbatch.cli import app
 from vlmbatch.engine import Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.model.loading import load_model, resolve_checkpoint
+from vlmbatch.model.loading import check_weights, load_model, resolve_checkpoint, weight_shapes
 from vlmbatch.spec import GenerationSettings
 
 GB = memory.GB
@@ -25,6 +27,15 @@ def test_kv_cache_bytes_are_what_the_cache_allocates(make_ckpt, variant):
         cache = model.to(dtype).allocate_cache(5, 37)
         allocated = sum(t.nbytes for t in cache.k + cache.v)
         assert memory.kv_cache_bytes(model.cfg.text, 5, 37, dtype) == allocated
+
+
+@pytest.mark.parametrize("variant", ["pg1_tied", "pg1_untied", "pg2"])
+def test_the_weights_are_counted_from_the_headers_as_the_model_holds_them(make_ckpt, variant):
+    """A job sizes the weights from the safetensors headers, before it builds anything: the count is
+    the loaded model's, a tied head counted once."""
+    checkpoint = resolve_checkpoint(str(make_ckpt(variant, "hub", image_size=28).path))
+    from_headers = sum(math.prod(shape) for shape in weight_shapes(checkpoint).values())
+    assert from_headers == check_weights(checkpoint) == sum(p.numel() for p in load_model(checkpoint).parameters())
 
 
 def test_meminfo_is_read_in_bytes(tmp_path):

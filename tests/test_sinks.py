@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vlmbatch.errors import VlmbatchError
+from vlmbatch.errors import VlmbatchError, VlmbatchWarning
 from vlmbatch.sinks import SETTINGS_KEY, WRITTEN_AT_KEY, ParquetSink
 
 SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("score", pa.float32())])
@@ -477,3 +480,315 @@ def test_permission_denied_fails_at_construction(tmp_path: Path, monkeypatch) ->
     (tmp_path / "locked").mkdir()
     with pytest.raises(VlmbatchError, match="cannot write output .*Permission denied"):
         open_sink(tmp_path / "locked" / "out.parquet")
+
+
+# -- a lock file deleted or replaced by hand lets a second run in: neither loses the other's rows ----------
+def replace_by_another_file(lock: Path) -> None:
+    lock.unlink()
+    lock.write_text("")
+
+
+@pytest.mark.parametrize("tamper", [Path.unlink, replace_by_another_file], ids=["deleted", "replaced"])
+def test_a_run_whose_lock_was_taken_stops_before_replacing_out(out: Path, tamper) -> None:
+    with open_sink(out) as sink:
+        sink.write(rows(0, 4))
+    before = out.read_bytes()
+    sink = open_sink(out, flush_rows=100)
+    sink.write(rows(4, 6))
+    sink.flush()
+    lock = out.with_name(out.name + ".lock")
+    tamper(lock)
+    sink.write(rows(6, 8))  # buffered: saved as a part by close, which then stops
+    with pytest.raises(VlmbatchError) as info:
+        sink.close()
+    message = str(info.value)
+    assert f"the lock {lock} was deleted or replaced" in message and "stopped without replacing" in message
+    assert "\n" not in message
+    assert out.read_bytes() == before  # not replaced
+    parts = sorted(sink.parts_dir.glob("part-*.parquet"))
+    assert [pq.read_table(p).column("id").to_pylist() for p in parts] == [ids_in_rows(4, 6), ids_in_rows(6, 8)]
+    assert lock.exists() == (tamper is replace_by_another_file)  # another run's lock is not ours to delete
+    lock.unlink(missing_ok=True)
+    with open_sink(out):  # the next run merges what the stopped one saved
+        pass
+    assert ids_in(out) == ids_in_rows(0, 8) and sidecars(out) == []
+
+
+def ids_in_rows(start: int, stop: int) -> list[str]:
+    return [row["id"] for row in rows(start, stop)]
+
+
+def test_two_runs_let_in_by_a_deleted_lock_never_write_over_each_others_parts(out: Path) -> None:
+    first = open_sink(out, flush_rows=100)
+    first.write(rows(0, 2))
+    first.flush()
+    out.with_name(out.name + ".lock").unlink()
+    second = open_sink(out, flush_rows=100)  # let in
+    second.write(rows(10, 12))
+    second.flush()
+    first.write(rows(2, 4))
+    with pytest.raises(VlmbatchError, match="was deleted or replaced"):  # the first stops at its next flush ...
+        first.flush()
+    parts = {p.name: pq.read_table(p).column("id").to_pylist() for p in first.parts_dir.glob("part-*.parquet")}
+    assert sorted(parts.values()) == [ids_in_rows(0, 2), ids_in_rows(2, 4), ids_in_rows(10, 12)]  # ... having saved
+    second.close()  # merges every part, the first run's included
+    merged = out.read_bytes()
+    assert sorted(ids_in(out)) == ids_in_rows(0, 4) + ids_in_rows(10, 12)
+    first.close()  # nothing of its own left unmerged: it lets go
+    assert out.read_bytes() == merged and sidecars(out) == []
+
+
+def test_temporary_names_are_each_writers_own(out: Path, monkeypatch) -> None:
+    """Two writers of one file (two runs, when a deleted lock let the second in) must never write into
+    one temporary file: its name carries the process and a random token."""
+    temporaries: list[str] = []
+    real_open = open
+
+    def recording_open(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            temporaries.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", recording_open)
+    for _ in range(2):
+        with open_sink(out) as sink:
+            sink.write(rows(0, 4))
+    monkeypatch.setattr("builtins.open", real_open)
+    assert len(temporaries) == 4 and len(set(temporaries)) == 4  # a part and a merge, twice
+    assert all(f".{os.getpid()}-" in name for name in temporaries)
+
+
+def test_leftover_temporaries_of_a_live_writer_are_kept(out: Path) -> None:
+    """Opening deletes the temporaries that dead runs left, not one a live process may still be writing."""
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        sink = open_sink(out)
+        sink.write(rows(0, 4))
+        abandon(sink)
+        live = [sink.parts_dir / f".part-000001.parquet.{alive.pid}-0123abcd.tmp",
+                out.parent / f".{out.name}.{alive.pid}-0123abcd.tmp"]
+        dead = [sink.parts_dir / f".part-000001.parquet.{gone.pid}-4567cdef.tmp",
+                out.parent / f".{out.name}.{gone.pid}-4567cdef.tmp", out.parent / f".{out.name}.tmp"]
+        for path in live + dead:
+            path.write_bytes(b"half written")
+        with open_sink(out):
+            pass
+        assert [path.exists() for path in live + dead] == [True, True, False, False, False]
+    finally:
+        alive.kill()
+        alive.wait()
+    assert ids_in(out) == ids_in_rows(0, 4)
+
+
+# -- damaged files: found on opening, set aside, never the end of the road ----------------------------------
+def corrupt_a_data_page(path: Path, header: bool = False) -> None:
+    """Overwrite bytes in the middle of the caption column's first data page (or its header, for a file
+    too small for its compressed data to notice): the footer stays intact."""
+    file = pq.ParquetFile(path)
+    chunk = file.metadata.row_group(0).column(file.schema_arrow.get_field_index("caption"))
+    start = chunk.data_page_offset
+    end = (chunk.dictionary_page_offset or start) + chunk.total_compressed_size
+    data = bytearray(path.read_bytes())
+    at = start if header else (start + end) // 2
+    data[at : at + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    pq.read_schema(path)  # the footer still reads ...
+    with pytest.raises((OSError, pa.ArrowException)):  # ... the rows do not
+        pq.read_table(path)
+
+
+def varied_rows(start: int, stop: int) -> list[dict]:
+    return [{"id": f"{i:05d}", "caption": f"a cat, number {i} " * 3, "score": i / 7} for i in range(start, stop)]
+
+
+def test_an_out_damaged_behind_its_footer_is_refused_on_opening_naming_recover(out: Path) -> None:
+    with open_sink(out) as sink:
+        sink.write(varied_rows(0, 200))
+    leftover = open_sink(out)
+    leftover.write(rows(200, 204))
+    abandon(leftover)
+    corrupt_a_data_page(out)
+    damaged = out.read_bytes()
+    with pytest.raises(VlmbatchError) as info:
+        open_sink(out)
+    message = str(info.value)
+    assert f"{out} is not a readable Parquet file (" in message and "--recover" in message and "\n" not in message
+    assert out.read_bytes() == damaged and len(list(leftover.parts_dir.glob("part-*.parquet"))) == 1
+
+
+def test_a_flipped_bit_in_a_number_is_found_by_the_page_checksum(out: Path) -> None:
+    """A float's bits decode to another float: without a checksum the damage reads back as data."""
+    with open_sink(out) as sink:
+        sink.write(varied_rows(0, 200))
+    file = pq.ParquetFile(out)
+    chunk = file.metadata.row_group(0).column(file.schema_arrow.get_field_index("score"))
+    end = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size
+    data = bytearray(out.read_bytes())
+    data[end - 3] ^= 0x01  # inside the last page's values, far from any header or the footer
+    out.write_bytes(bytes(data))
+    assert pq.read_table(out).num_rows == 200  # pyarrow alone reads it, a value quietly changed
+    with pytest.raises(VlmbatchError, match=r"is not a readable Parquet file \(.*CRC"):
+        open_sink(out)
+
+
+def test_recover_moves_a_damaged_out_aside_and_keeps_the_parts(out: Path) -> None:
+    with open_sink(out) as sink:
+        sink.write(varied_rows(0, 200))
+    leftover = open_sink(out)
+    leftover.write(rows(200, 204))
+    abandon(leftover)
+    corrupt_a_data_page(out)
+    damaged = out.read_bytes()
+    with pytest.warns(VlmbatchWarning, match=r"could not be read \(.*\): moved it to .*captions\.parquet\.corrupt-"):
+        sink = open_sink(out, recover=True)
+    (aside,) = out.parent.glob("captions.parquet.corrupt-*")
+    assert aside.read_bytes() == damaged and not out.exists()
+    assert sink.done_keys().keys() == keys(200, 204)  # the parts' rows survive; OUT's are made again
+    sink.write(rows(0, 4))
+    sink.close()
+    assert sorted(ids_in(out)) == ids_in_rows(0, 4) + ids_in_rows(200, 204)
+    with open_sink(out, recover=True):  # a readable OUT: nothing to recover
+        pass
+    assert len(ids_in(out)) == 8 and len(list(out.parent.glob("*.corrupt-*"))) == 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "damaged page"])
+def test_a_damaged_part_is_moved_aside_and_the_others_kept(out: Path, damage: str) -> None:
+    sink = open_sink(out)
+    sink.write(rows(0, 8))  # two parts
+    abandon(sink)
+    bad = sink.parts_dir / "part-000099.parquet"
+    if damage == "garbage":
+        bad.write_bytes(b"not parquet")
+    else:
+        with open_sink(bad.with_name("scratch.parquet")) as scratch:
+            scratch.write(varied_rows(100, 300))
+        shutil.move(bad.with_name("scratch.parquet"), bad)
+        corrupt_a_data_page(bad)
+    with pytest.warns(VlmbatchWarning, match=r"part file .*part-000099\.parquet could not be read .* moved it to"):
+        resumed = open_sink(out)
+    assert resumed.done_keys().keys() == keys(0, 8)
+    resumed.close()
+    assert ids_in(out) == ids_in_rows(0, 8)
+    assert [p.name.split(".corrupt-")[0] for p in sink.parts_dir.iterdir()] == ["part-000099.parquet"]
+
+
+def test_a_file_named_like_a_part_without_a_number_is_left_alone(out: Path) -> None:
+    sink = open_sink(out)
+    sink.write(rows(0, 4))
+    abandon(sink)
+    stray = sink.parts_dir / "part-abc.parquet"
+    stray.write_bytes(b"someone's file")
+    with pytest.warns(VlmbatchWarning, match=r"part-abc\.parquet is not a part file .*left alone"):
+        resumed = open_sink(out)
+    assert resumed.done_keys().keys() == keys(0, 4)
+    resumed.write(rows(4, 8))
+    resumed.close()
+    assert ids_in(out) == ids_in_rows(0, 8) and stray.read_bytes() == b"someone's file"
+
+
+# -- fuzz: random writes, flushes, SIGKILLs and reopenings against a model of what must be there -----------
+FUZZ_SCHEMA = pa.schema([("id", pa.string()), ("value", pa.string())])
+FUZZ_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import pyarrow as pa
+    from vlmbatch.sinks import ParquetSink
+
+    out, report = Path(sys.argv[1]), sys.argv[2]
+    ops = json.load(sys.stdin)
+    schema = pa.schema([("id", pa.string()), ("value", pa.string())])
+    sink = ParquetSink(out, schema, key=("id",), version_column="value", settings={"fuzz": 1},
+                       flush_rows=10**9, flush_seconds=10**9)
+    with open(report, "a") as log:
+        for index, (op, rows) in enumerate(ops):
+            if op == "write":
+                sink.write([{"id": key, "value": value} for key, value in rows])
+                continue
+            sink.flush() if op == "flush" else sink.close()
+            log.write(f"{index}\\n")  # every row written before op `index` is durable: say so, durably
+            log.flush()
+            os.fsync(log.fileno())
+            print(index, flush=True)
+    """
+)
+
+
+def fuzz_plan(rng: random.Random, run: int) -> list[tuple[str, list]]:
+    """Writes of a few rows over a small set of keys (so keys are written again: new versions), flushes,
+    and a close at the end."""
+    ops: list[tuple[str, list]] = []
+    for index in range(rng.randint(4, 24)):
+        if ops and rng.random() < 0.35:
+            ops.append(("flush", []))
+        else:
+            written = [(f"k{rng.randrange(30):02d}", f"{run}.{index}.{j}") for j in range(rng.randint(1, 5))]
+            ops.append(("write", written))
+    return ops + [("close", [])]
+
+
+def apply(model: dict[str, str], ops: list[tuple[str, list]], through: int) -> dict[str, str]:
+    """`model` with every row that ops up to `through` (inclusive) wrote, each key's latest."""
+    model = dict(model)
+    for op, rows in ops[: through + 1]:
+        model.update(rows)
+    return model
+
+
+def open_fuzz_sink(out: Path) -> ParquetSink:
+    return ParquetSink(out, FUZZ_SCHEMA, key=("id",), version_column="value", settings={"fuzz": 1})
+
+
+@pytest.mark.slow
+def test_fuzz_random_writes_flushes_kills_and_reopenings(out: Path) -> None:
+    rng = random.Random(20240528)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    model: dict[str, str] = {}  # what OUT must end up holding: each flushed key's latest value
+    for run in range(16):
+        ops = fuzz_plan(rng, run)
+        saves = [i for i, (op, _) in enumerate(ops) if op != "write"]
+        kill_after = rng.randint(0, len(saves))  # saves to see done before the kill; len(saves): no kill
+        report = out.parent.parent / f"report-{run}.txt"
+        child = subprocess.Popen([sys.executable, "-c", FUZZ_CHILD, str(out), str(report)], env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child.stdin.write(json.dumps(ops))
+        child.stdin.close()
+        if kill_after < len(saves):
+            for _ in range(kill_after):
+                child.stdout.readline()
+            time.sleep(rng.choice([0, 0, 0.001, 0.003, 0.01]))  # at once, or somewhere in what follows
+            child.send_signal(signal.SIGKILL)
+        child.wait()
+        stderr = child.stderr.read()
+        child.stdout.close()
+        child.stderr.close()
+        assert child.returncode in (0, -signal.SIGKILL), stderr
+        reported = [int(line) for line in report.read_text().split()] if report.exists() else []
+        assert reported == saves[: len(reported)]
+        last = reported[-1] if reported else -1
+        # Durable for sure: every row before the last reported save. Perhaps also those up to the next
+        # save, which may have returned without time to say so; never any later row.
+        sure = apply(model, ops, last)
+        following = next((i for i in saves if i > last), None)
+        maybe = apply(model, ops, following) if following is not None else sure
+
+        sink = open_fuzz_sink(out)  # a reopening: leftovers of the killed run cleared, parts read
+        found = sink.done_keys()
+        assert {key: value for (key,), value in found.items()} in (sure, maybe), f"run {run}"
+        model = {key: value for (key,), value in found.items()}
+        if rng.random() < 0.5:
+            sink.close()
+            table = pq.read_table(out)
+            assert sorted(table.column("id").to_pylist()) == sorted(model)  # each key once
+            assert dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist())) == model
+        else:
+            abandon(sink)  # as if this one was killed too, before merging
+    with open_fuzz_sink(out):
+        pass
+    table = pq.read_table(out)
+    assert dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist())) == model
+    assert len(table) == len(model) > 0
+    assert sidecars(out) == []

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -15,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vlmbatch import __version__
-from vlmbatch.errors import VlmbatchError
+from vlmbatch.errors import VlmbatchError, VlmbatchWarning
 from vlmbatch.spec import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, GenerationSettings, JobSpec
 
 if TYPE_CHECKING:
@@ -34,13 +38,15 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # -- shared options ---------------------------------------------------------------------------------
+# No min=/max= here: every bound lives in vlmbatch.spec, which flags, job specs and --set all meet, and
+# whose refusal is one line (exit 2) where typer's is a usage box.
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory or Hugging Face Hub id.")
 OutOpt = typer.Option(..., "--out", "-o", help="Output Parquet file (resumed if it exists).")
-MaxNewOpt = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens generated per answer.")
-BatchOpt = typer.Option(16, "--batch-size", "-b", min=1, help="Sequences decoded together (KV-cache slots).")
-BeamsOpt = typer.Option(1, "--num-beams", min=1, help="Beam search width; 1 is greedy or sampling.")
-TempOpt = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")
-TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
+MaxNewOpt = typer.Option(32, "--max-new-tokens", help="Most tokens generated per answer.")
+BatchOpt = typer.Option(16, "--batch-size", "-b", help="Sequences decoded together (KV-cache slots).")
+BeamsOpt = typer.Option(1, "--num-beams", help="Beam search width; 1 is greedy or sampling.")
+TempOpt = typer.Option(0.0, "--temperature", help="Sampling temperature; 0 is greedy.")
+TopPOpt = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DevicesOpt = typer.Option(None, "--devices", help="Several devices, one worker each: cuda:0,cuda:1 or all.")
@@ -50,15 +56,19 @@ CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: oned
                             "auto: the fastest of the three on a quick check.")
 CudaGraphOpt = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
                             "each decode step as one captured CUDA graph; --no-cuda-graph runs it op by op.")
-LimitOpt = typer.Option(None, "--limit", min=1,
+LimitOpt = typer.Option(None, "--limit",
                         help="Process at most this many new images (images tried again after an error do not count).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
+RecoverOpt = typer.Option(False, "--recover", help="If OUT is damaged (cannot be read), move it aside to "
+                          "OUT.corrupt-<time> and go on: rows saved in OUT.parts are kept, the rest are made again.")
 SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
 ImageColOpt = typer.Option(None, "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
 IdColOpt = typer.Option(None, "--id-column", help="Dataset column holding record ids (default: 'id' if present, else an image path as written, else the row index).")
-WorkersOpt = typer.Option(None, "--workers", min=0, help="Image-decoding processes (0: decode in the main process). "
+ConfineOpt = typer.Option(False, "--confine", help="Manifests and saved datasets: read no image outside their "
+                          "folder ('..', absolute paths, symlinks out): each such row is an error row instead.")
+WorkersOpt = typer.Option(None, "--workers", help="Image-decoding processes (0: decode in the main process). "
                           "Default: 0 on a CPU-only run, else cores - 1 (at most 8).")
-FlushOpt = typer.Option(256, "--flush-rows", min=1, help="Rows buffered before they are saved (a crash loses at most these).")
+FlushOpt = typer.Option(256, "--flush-rows", help="Rows buffered before they are saved (a crash loses at most these).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 
@@ -87,8 +97,9 @@ def caption(
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
     dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, cuda_graph: bool = CudaGraphOpt,
-    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
+    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt, recover: bool = RecoverOpt,
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
+    confine: bool = ConfineOpt,
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Caption every image of SOURCE into a Parquet file (columns id, caption, error, …)."""
@@ -109,8 +120,9 @@ def vqa(
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
     dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, cuda_graph: bool = CudaGraphOpt,
-    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt,
+    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt, recover: bool = RecoverOpt,
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
+    confine: bool = ConfineOpt,
     workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Answer questions about the images of SOURCE into a Parquet file (id, question_id, question, answer, error, …)."""
@@ -125,13 +137,16 @@ A spec holds the flags of `caption` / `vqa` as TOML keys (generation settings at
 def run(
     spec_file: Path = typer.Argument(..., help="A job spec, e.g. pipelines/alt_text_nightly.toml."),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE overriding the spec (repeatable)."),
-    quiet: bool = QuietOpt, debug: bool = DebugOpt,
+    recover: bool = RecoverOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Run a declarative job spec (scheduled alt-text jobs and the like)."""
     from vlmbatch.jobspec import load_job_spec
 
     with _fatal_errors(debug):
-        _run(_job(load_job_spec(spec_file, _parse_overrides(overrides))), quiet)
+        given = _parse_overrides(overrides)
+        if recover:  # the same as --set recover=true
+            given["recover"] = True
+        _run(_job(load_job_spec(spec_file, given)), quiet)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -140,18 +155,9 @@ def _parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise VlmbatchError(f"--set expects KEY=VALUE, got {pair!r}")
-        parsed[key.strip().replace("-", "_")] = _scalar(value.strip())
+        # Kept as text: the spec types each value by its key (split=2017 stays a name, overwrite=no is false).
+        parsed[key.strip().replace("-", "_")] = value.strip()
     return parsed
-
-
-def _scalar(value: str):
-    """TOML-like typing of a --set value: integers, floats and booleans; anything else stays text."""
-    for convert in (int, float):
-        try:
-            return convert(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 @app.command("eval", epilog="""Examples:\n
@@ -171,12 +177,13 @@ def eval_(
     per_item: Optional[Path] = typer.Option(None, "--per-item", help="Parquet with each item's scores."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset: bleu,meteor,rouge,cider,spice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA).'),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the split's first N items (images, or VQA questions): a quick check."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the split's first N items (images, or VQA questions): a quick check."),
     provision_spice: bool = typer.Option(False, "--provision-spice", help="Download SPICE's Stanford CoreNLP 3.6.0 jars into the cache."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
     devices: Optional[str] = DevicesOpt, dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt,
-    cuda_graph: bool = CudaGraphOpt, overwrite: bool = OverwriteOpt, workers: Optional[int] = WorkersOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+    cuda_graph: bool = CudaGraphOpt, overwrite: bool = OverwriteOpt, recover: bool = RecoverOpt,
+    workers: Optional[int] = WorkersOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Score captions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) or VQAv2 answers (official accuracy)."""
     from vlmbatch.evaluate import EvalRequest, render_report, run_eval
@@ -190,15 +197,17 @@ def eval_(
         if dataset is None:
             raise VlmbatchError("--dataset is required: coco, flickr30k or vqav2")
         generation = _generation(max_new_tokens, num_beams, temperature, top_p, seed)
+        # Built now, so that a flag out of bounds is refused before the dataset loads; generate() completes it.
+        flags = JobSpec(task="caption", source=data or dataset, out=Path(), model=model, batch_size=batch_size,
+                        device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, cuda_graph=cuda_graph,
+                        overwrite=overwrite, recover=recover, workers=workers, generation=generation)
 
         def generate(task, records, questions, out_path: Path) -> Path:
             from vlmbatch.sources import Source
 
             default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
-            spec = JobSpec(task=task, source=data or dataset, out=out_path, model=model, batch_size=batch_size,
-                           prompt=prompt or default_prompt, prompt_template=prompt or default_prompt,
-                           device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, cuda_graph=cuda_graph,
-                           overwrite=overwrite, workers=workers, generation=generation)
+            spec = replace(flags, task=task, out=out_path, prompt=prompt or default_prompt,
+                           prompt_template=prompt or default_prompt)
             source = Source(description=f"{dataset} {split or ''}".strip(), size=None, records=lambda: iter(records))
             _run(_job(spec, source=source, questions=questions), quiet)
             return out_path
@@ -241,22 +250,89 @@ def _generation(max_new_tokens: int, num_beams: int, temperature: float, top_p: 
 
 @contextmanager
 def _fatal_errors(debug: bool) -> Iterator[None]:
-    """A fatal mistake is one clear line and a non-zero exit; the traceback only with --debug."""
+    """A fatal mistake is one clear line and a non-zero exit; the traceback only with --debug. Ctrl-C and
+    SIGTERM stop a run as cleanly: the rows written are saved and merged, and one line says so."""
+    with _warnings_as_lines(), _sigterm_raises_terminated() as terminated:
+        try:
+            yield
+        except Terminated:
+            _stopped("terminated", 143)
+        except KeyboardInterrupt:
+            _stopped("interrupted", 130)
+        except Exception as exc:
+            if terminated:  # a failure the same SIGTERM caused: sent to the whole group, it stopped a worker first
+                _stopped("terminated", 143)
+            if debug:
+                console.print_exception()
+            if isinstance(exc, VlmbatchError):
+                _error_line(str(exc))
+                raise typer.Exit(2)
+            # an unexpected failure: still one line unless debugging
+            _error_line(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+            raise typer.Exit(1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as cron, systemd, Kubernetes and `timeout` stop a job. Raised in the main thread and, like
+    Ctrl-C's KeyboardInterrupt, no Exception: it unwinds through the sink's `with`, which saves and merges."""
+
+
+@contextmanager
+def _sigterm_raises_terminated() -> Iterator[list[int]]:
+    """While a command runs, SIGTERM raises `Terminated`; yields the SIGTERMs received. Raised once: a
+    repeated SIGTERM must not cut short the merge that the first one started; nor does the first one when it
+    arrives while the output is being merged anyway (the run then ends as it would have). Worker processes
+    are spawned, not forked: they keep the default action and end without a word, their parent speaks."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield received
+        return
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        if len(received) == 1 and not _merging_output(frame):
+            raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _merging_output(frame) -> bool:
+    """Whether the main thread, stopped at `frame`, is inside `ParquetSink.close` (merging the output)."""
+    sinks = sys.modules.get("vlmbatch.sinks")
+    close = sinks.ParquetSink.close.__code__ if sinks else None
+    while close is not None and frame is not None:
+        if frame.f_code is close:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stopped(how: str, code: int) -> None:
+    console.print(f"[yellow]{how}[/]: rows written so far are saved; run the same command to resume",
+                  highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """vlmbatch's warnings (a damaged file moved aside) as one line each on stderr, even with --quiet;
+    other warnings as Python shows them."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, VlmbatchWarning):
+            return show(message, category, filename, lineno, file, line)
+        console.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", highlight=False,
+                      soft_wrap=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", VlmbatchWarning)
+        warnings.showwarning = one_line
         yield
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: rows written so far are saved; run the same command to resume")
-        raise typer.Exit(130)
-    except VlmbatchError as exc:
-        if debug:
-            console.print_exception()
-        _error_line(str(exc))
-        raise typer.Exit(2)
-    except Exception as exc:  # an unexpected failure: still one line unless debugging
-        if debug:
-            console.print_exception()
-        _error_line(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
-        raise typer.Exit(1)
 
 
 def _error_line(message: str) -> None:
@@ -299,6 +375,8 @@ def _progress(job: Job, quiet: bool):
         yield None
         return
     total = job.source.size
+    if total is None and job.source.count is not None:
+        total = job.source.count()  # a folder's listing: quick beside captioning it, and it gives an ETA
     if console.is_terminal:
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]:.1f} img/s · {task.fields[errors]} errors"),
@@ -309,17 +387,30 @@ def _progress(job: Job, quiet: bool):
                                        errors=s.errors)
         return
     last = [0.0]
+    latest: list[Summary] = []
 
     def plain(s: Summary) -> None:  # a line every 10 s when not on a terminal (logs, cron)
+        latest[:] = [s]
         now = time.monotonic()
         if now - last[0] >= 10:
             last[0] = now
-            of = f"/{total}" if total else ""
-            rate = s.written / s.seconds if s.seconds else 0.0  # of rows done: images read run ahead of them
-            print(f"{job.spec.task}: {s.images}{of} images read, {s.written} rows written, {s.errors} errors, "
-                  f"{rate:.1f} rows/s", file=sys.stderr, flush=True)
+            print(_progress_line(job.spec.task, s, total), file=sys.stderr, flush=True)
 
     yield plain
+    if latest:  # and one as the run ends, whose counts are the summary's
+        print(_progress_line(job.spec.task, latest[0], total), file=sys.stderr, flush=True)
+
+
+def _progress_line(task: str, s: Summary, total: int | None) -> str:
+    """How far through the source (processed and skipped images), rows written, errors, rate and ETA."""
+    seen = s.images + s.images_skipped
+    rate = s.written / s.seconds if s.seconds else 0.0  # of rows done: images processed run ahead of them
+    line = (f"{task}: {seen}{f'/{total}' if total else ''} images ({s.images} processed, {s.images_skipped} "
+            f"skipped), {s.written} rows written, {s.errors} errors, {rate:.1f} rows/s")
+    if total and s.images and s.seconds:  # the rest at the pace of the images processed so far
+        left = round(max(total - seen, 0) * s.seconds / s.images)
+        line += f", {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left"
+    return line
 
 
 def _print_summary(summary: Summary) -> None:

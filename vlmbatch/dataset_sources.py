@@ -4,6 +4,7 @@ datasets. Split from `sources` so that plain image folders never pay for importi
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from datasets.features.features import require_decoding
 from huggingface_hub.errors import GatedRepoError
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.records import ImageRecord, ImageRef, file_version, normalize_image_key
+from vlmbatch.hub import why_unreachable
+from vlmbatch.records import ImageRecord, ImageRef, Unreadable, file_version, normalize_image_key
 from vlmbatch.sources import DEFAULT_ID_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_SPLIT, MANIFEST_BUILDERS, Columns, Source
 
 # What reading a dataset can raise when the data (not our code) is at fault.
@@ -26,7 +28,7 @@ _READ_ERRORS = (OSError, ValueError, pa.ArrowException, datasets.exceptions.Data
 AnyDataset = datasets.Dataset | datasets.IterableDataset
 
 
-def open_saved_dataset(path: Path, split: str | None, columns: Columns) -> Source:
+def open_saved_dataset(path: Path, split: str | None, columns: Columns, confine: bool = False) -> Source:
     try:
         loaded = datasets.load_from_disk(str(path))
     except _READ_ERRORS as exc:
@@ -35,11 +37,13 @@ def open_saved_dataset(path: Path, split: str | None, columns: Columns) -> Sourc
     if isinstance(loaded, datasets.DatasetDict):
         chosen = _pick_split(loaded, split, description)
         loaded, description = loaded[chosen], f"{description} (split {chosen})"
-    return _dataset_source(loaded, columns, base_dir=path, description=description, size=len(loaded))
+    return _dataset_source(loaded, columns, base_dir=path, description=description, size=len(loaded),
+                           confine="dataset" if confine else None)
 
 
-def open_manifest(files: list[Path], columns: Columns, description: str) -> Source:
-    """Stream data files with `datasets`; relative image paths resolve from the files' folder."""
+def open_manifest(files: list[Path], columns: Columns, description: str, confine: bool = False) -> Source:
+    """Stream data files with `datasets`; relative image paths resolve from the files' folder (to which
+    `confine` holds them)."""
     builder = MANIFEST_BUILDERS[files[0].suffix.lower()]
     # The builder logs a bad file's error and raises it, which becomes our one-line error: not twice.
     logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
@@ -52,10 +56,11 @@ def open_manifest(files: list[Path], columns: Columns, description: str) -> Sour
         size = sum(pq.read_metadata(f).num_rows for f in files) if builder == "parquet" else None
     except _READ_ERRORS as exc:
         raise VlmbatchError(f"cannot read {description}: {_one_line(exc)}") from exc
-    return _dataset_source(dataset, columns, base_dir=files[0].parent, description=description, size=size)
+    return _dataset_source(dataset, columns, base_dir=files[0].parent, description=description, size=size,
+                           confine="manifest" if confine else None)
 
 
-def open_hub(name: str, split: str | None, columns: Columns) -> Source:
+def open_hub(name: str, split: str | None, columns: Columns, confine: bool = False) -> Source:
     """Stream a Hub dataset; nothing is downloaded up front beyond the file listing."""
     splits = _load_hub_dataset(name)
     chosen = _pick_split(splits, split, f"Hub dataset {name}")
@@ -63,11 +68,16 @@ def open_hub(name: str, split: str | None, columns: Columns) -> Source:
     split_info = (dataset.info.splits or {}).get(chosen)
     size = split_info.num_examples if split_info and split_info.num_examples else None
     description = f"Hub dataset {name} (split {chosen})"
-    return _dataset_source(dataset, columns, base_dir=None, description=description, size=size)
+    return _dataset_source(dataset, columns, base_dir=None, description=description, size=size,
+                           confine="Hub dataset" if confine else None)
 
 
 def _load_hub_dataset(name: str) -> Mapping[str, datasets.IterableDataset]:
     """`load_dataset(name, streaming=True)` with its many failure modes turned into one clear line."""
+    unreachable = why_unreachable()
+    if unreachable:
+        raise VlmbatchError(f"cannot reach the Hugging Face Hub to load {name} ({unreachable}); "
+                            "use a local path, or set HF_HUB_OFFLINE=1 if the dataset is cached")
     try:
         return datasets.load_dataset(name, streaming=True)
     except GatedRepoError as exc:
@@ -102,9 +112,11 @@ def _pick_split(splits: Mapping[str, Any], split: str | None, where: str) -> str
 
 
 def _dataset_source(
-    dataset: AnyDataset, columns: Columns, *, base_dir: Path | None, description: str, size: int | None
+    dataset: AnyDataset, columns: Columns, *, base_dir: Path | None, description: str, size: int | None,
+    confine: str | None = None,
 ) -> Source:
-    """Validate the columns, switch image decoding off and wrap the dataset as a `Source`."""
+    """Validate the columns, switch image decoding off and wrap the dataset as a `Source`. `confine`
+    (what `base_dir` is the folder of, for messages) refuses image paths outside `base_dir`."""
     names = _column_names(dataset, description)
     image_column = columns.image or _default_image_column(dataset.features)
     id_column = columns.id or (DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in names else None)
@@ -119,7 +131,7 @@ def _dataset_source(
         dataset = dataset.select_columns([image_column, *passthrough])
         if isinstance(dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    reader = _DatasetReader(dataset, image_column, id_column, passthrough, base_dir, description)
+    reader = _DatasetReader(dataset, image_column, id_column, passthrough, base_dir, description, confine)
     return Source(description=description, size=size, records=reader.records)
 
 
@@ -163,6 +175,7 @@ class _DatasetReader:
     passthrough: list[str]
     base_dir: Path | None
     description: str
+    confine: str | None = None  # refuse paths outside base_dir, the folder of this ("manifest", ...)
 
     def records(self) -> Iterator[ImageRecord]:
         try:
@@ -198,12 +211,28 @@ class _DatasetReader:
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
         if isinstance(value, str):
-            is_local_relative = "://" not in value and not os.path.isabs(value)
-            return str(self.base_dir / value) if self.base_dir and is_local_relative else value
+            is_local = "://" not in value
+            is_local_relative = is_local and not os.path.isabs(value)
+            path = str(self.base_dir / value) if self.base_dir and is_local_relative else value
+            return self._confined(path, value) if self.confine and is_local else path
         raise VlmbatchError(
             f"column {self.image_column!r} of {self.description} holds {type(value).__name__} values, "
             "not image paths or bytes (set --image-column)"
         )
+
+    def _confined(self, path: str, value: str) -> ImageRef:
+        """The file `path` really is, symlinks followed (what is read is what was checked), if that lies
+        in the folder; else a refusal, which becomes the row's error."""
+        if self._real_base is None:
+            return Unreadable(f"a local path in a {self.confine}, which has no folder to confine it to: {value}")
+        real = os.path.realpath(path)
+        if os.path.commonpath([self._real_base, real]) != self._real_base:
+            return Unreadable(f"outside the {self.confine} folder {self._real_base}: {value}")
+        return real
+
+    @functools.cached_property
+    def _real_base(self) -> str | None:
+        return os.path.realpath(self.base_dir) if self.base_dir else None
 
 
 def _json_simple(value: Any) -> Any:

@@ -11,3 +11,7 @@ class VlmbatchError(Exception):
 
 class ImageDecodeError(Exception):
     """One input image could not be decoded; it becomes a row with `error` set, never a crash."""
+
+
+class VlmbatchWarning(UserWarning):
+    """Something done that a person should know of (a damaged file moved aside); the CLI prints it in one line."""

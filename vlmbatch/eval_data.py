@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from vlmbatch.errors import VlmbatchError
+from vlmbatch.hub import why_unreachable
 from vlmbatch.metrics.vqa import VqaAnnotation
 from vlmbatch.records import ImageRecord, ImageRef, Question
 
@@ -320,6 +321,9 @@ def _open_dataset(datasets: Any, data: str, split: str):
         raise VlmbatchError(f"{data} has no split {split!r} (it has: {', '.join(loaded)})")
     if Path(data).is_absolute() or data.startswith((".", "~")) or data.count("/") > 1:
         raise VlmbatchError(f"{data} does not exist")  # a path, not an "owner/name" Hub id
+    unreachable = why_unreachable()  # one short request, instead of the Hub library's retry loop
+    if unreachable:
+        raise _no_hub(data, f"{unreachable}; HF_HUB_OFFLINE=1 reads a copy in the Hugging Face cache")
     errors = []
     for name in _split_names(split):
         try:
@@ -329,9 +333,13 @@ def _open_dataset(datasets: Any, data: str, split: str):
         except FileNotFoundError:
             raise VlmbatchError(f"{data!r} is neither a local path nor a dataset on the Hub") from None
         except ConnectionError as exc:
-            raise VlmbatchError(f"could not reach the Hub to load {data!r} ({exc}); pass a local copy with --data "
-                                "(an annotation file, a folder of annotations and images, or a saved dataset)") from None
+            raise _no_hub(data, str(exc)) from None
     raise VlmbatchError(f"dataset {data!r} has no split {split!r}: {errors[0].splitlines()[0]}")
+
+
+def _no_hub(data: str, why: str) -> VlmbatchError:
+    return VlmbatchError(f"could not reach the Hub to load {data!r} ({why}); pass a local copy with --data "
+                         "(an annotation file, a folder of annotations and images, or a saved dataset)")
 
 
 def _first_column(columns: Sequence[str], names: Sequence[str]) -> str | None:

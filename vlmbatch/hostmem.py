@@ -1,17 +1,12 @@
 """Host memory: glibc's malloc set up for a CPU engine, which frees and reallocates the same
 activations every step.
 
-glibc hands out blocks above its mmap threshold (128 KiB at first, raised as such blocks are freed,
-but never past 32 MiB) as fresh mappings and unmaps them on free, and it returns freed memory at the
-top of its heap to the kernel once more than its trim threshold is free there. Either way the next
-step's activations land on pages the kernel has to fault in and zero again: in a profile of the CPU
-workload a GELU over a 6 MB tensor took 2.96 ms in the run against 0.16 ms on a warm buffer, and the
-process spent a tenth of its time in the kernel. With every block under 256 MiB served from the heap
-and the heap trimmed only past 1 GiB free, freed activations are reused as they are; the same sizes
-recur step after step, so host memory stays flat over a long run (eval/bench_memory.py).
-
-A process started with glibc's own malloc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
-or glibc.malloc tunables in GLIBC_TUNABLES) keeps them: that is also how to switch this off.
+By default glibc unmaps large freed blocks and trims its heap, so each step's activations land on
+pages the kernel must fault in and zero again. Serving blocks under 256 MiB from the heap and trimming
+it only past 1 GiB free lets freed activations be reused; the sizes recur every step, so host memory
+stays flat (eval/bench_memory.py; figures in eval/RESULTS.md). A process started with glibc's own
+malloc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, glibc.malloc tunables in
+GLIBC_TUNABLES) keeps them: that is also how to switch this off.
 """
 
 from __future__ import annotations

@@ -7,17 +7,23 @@ give their first frame, and 16-bit greyscale is scaled to 8 bits instead of bein
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import stat
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vlmbatch.errors import ImageDecodeError
-from vlmbatch.records import ImageRef
+from vlmbatch.records import ImageRef, Unreadable, readable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+# What a path names when it is not a regular file, as an error row says it.
+_NOT_REGULAR = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -38,9 +44,19 @@ def load_image(ref: ImageRef) -> Image.Image:
     """Open `ref` (path, bytes or PIL image), apply EXIF orientation, return an RGB image.
 
     Raises `ImageDecodeError` with a short reason for anything that is not a readable image: empty or
-    truncated files, other file types, images over Pillow's decompression-bomb limit, URLs (which are
-    not fetched).
+    truncated files, other file types, paths that are not regular files (FIFOs, sockets, devices, which
+    are never opened), images over Pillow's decompression-bomb limit, URLs (which are not fetched).
     """
+    try:
+        return _load_image(ref)
+    except ImageDecodeError as exc:
+        # The reason becomes a row, which must be valid UTF-8; a path in it may not be (records.readable).
+        raise ImageDecodeError(readable(str(exc))) from None
+
+
+def _load_image(ref: ImageRef) -> Image.Image:
+    if isinstance(ref, Unreadable):
+        raise ImageDecodeError(ref.reason)
     if isinstance(ref, (bytes, bytearray)) and not ref:
         raise ImageDecodeError("no image data (an empty or missing value)")
     if isinstance(ref, str) and "://" in ref:
@@ -48,17 +64,11 @@ def load_image(ref: ImageRef) -> Image.Image:
                                "(e.g. with img2dataset) and list their paths")
     try:
         if isinstance(ref, Image.Image):
-            image = ref
-        else:
-            source = io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else os.fspath(ref)
-            with warnings.catch_warnings():
-                # A DecompressionBombWarning (between 1x and 2x the limit) is treated as the error it warns of.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(source)
-                image.seek(0)  # first frame of animated GIF/WEBP/TIFF
-                image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return to_rgb(image)
+            return _oriented_rgb(ref)
+        if isinstance(ref, (bytes, bytearray)):
+            return _oriented_rgb(_first_frame(io.BytesIO(ref)))
+        with _open_regular_file(ref) as file:  # open until converted: Pillow may read on after load()
+            return _oriented_rgb(_first_frame(file))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large (decompression-bomb limit): {exc}") from None
     except FileNotFoundError:
@@ -69,6 +79,42 @@ def load_image(ref: ImageRef) -> Image.Image:
         raise ImageDecodeError("not an image Pillow can identify") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
+
+
+def _first_frame(file: BinaryIO) -> Image.Image:
+    with warnings.catch_warnings():
+        # A DecompressionBombWarning (between 1x and 2x the limit) is treated as the error it warns of.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(file)
+        image.seek(0)  # first frame of animated GIF/WEBP/TIFF
+        image.load()
+    return image
+
+
+def _oriented_rgb(image: Image.Image) -> Image.Image:
+    return to_rgb(ImageOps.exif_transpose(image) or image)
+
+
+@contextlib.contextmanager
+def _open_regular_file(path: str | os.PathLike):
+    """`path` opened for reading if it is a regular file (symlinks followed); else `ImageDecodeError`
+    saying what it is. Opening a FIFO waits for a writer, forever in a nightly run that holds its
+    output's lock; a device can be read without end, and merely opening some has effects."""
+    _refuse_irregular(os.stat(path).st_mode)
+    # Non-blocking, so that a FIFO swapped in since the stat is refused below instead of waited on.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        _refuse_irregular(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as file:
+        yield file
+
+
+def _refuse_irregular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ImageDecodeError(f"not a regular file: {_NOT_REGULAR.get(stat.S_IFMT(mode), 'not a file')}")
 
 
 def resize_square(image: Image.Image, size: int) -> np.ndarray:

@@ -65,7 +65,8 @@ def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         beside = path.parent.absolute() / model
         if model.startswith(".") or beside.is_dir():
             raw["model"] = os.path.normpath(beside)
-    raw["out"] = Path(raw["out"]).expanduser()
+    if isinstance(raw["out"], str):  # anything else is JobSpec's to refuse
+        raw["out"] = Path(raw["out"]).expanduser()
     try:
         return JobSpec(generation=GenerationSettings(**generation), **raw)
     except (TypeError, ValueError) as exc:

@@ -72,6 +72,9 @@ def run_on_devices(work: Iterator[ImageWork], devices: list[torch.device], spec:
             raise feeder_error[0]
     finally:
         stop.set()
+        # Work still buffered for the pipe is no one's now: at exit, waiting for the stopped workers to
+        # read it would hang the parent.
+        tasks.cancel_join_thread()
         for process in workers:
             if process.is_alive():
                 process.terminate()

@@ -10,6 +10,7 @@ The weights are checked up front but loaded only once an image needs them.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -25,12 +26,13 @@ from vlmbatch.engine import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
 from vlmbatch.memory import PROCESS_OVERHEAD, available_bytes, kv_cache_bytes, not_enough
-from vlmbatch.model.loading import Checkpoint, check_weights, default_dtype, load_model, resolve_checkpoint
+from vlmbatch.model.loading import (Checkpoint, check_weights, default_dtype, load_model, resolve_checkpoint,
+                                    weight_shapes)
 from vlmbatch.multi import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.processor import Processor
 from vlmbatch.questions import group_by_image, load_questions
-from vlmbatch.records import ImageRecord, Question
-from vlmbatch.sinks import ParquetSink
+from vlmbatch.records import ImageRecord, Question, readable
+from vlmbatch.sinks import ParquetSink, output_files
 from vlmbatch.sources import Source, open_source
 from vlmbatch.spec import JobSpec
 from vlmbatch.workers import decode_stream
@@ -134,11 +136,11 @@ class Job:
     def __init__(self, spec: JobSpec, *, source: Source | None = None, questions: list[Question] | None = None):
         """`source` and `questions` may be given ready-made (the evaluation does); otherwise they are
         read from `spec.source` and `spec.questions`."""
-        if spec.task not in ("caption", "vqa"):
-            raise VlmbatchError(f"unknown task {spec.task!r}")
-        self.spec = spec
+        self.spec = spec  # its values were checked by JobSpec itself
+        # The output is excluded from the source: written into an image folder, it must not be read back.
         self.source: Source = source or open_source(spec.source, split=spec.split, image_column=spec.image_column,
-                                                    id_column=spec.id_column)
+                                                    id_column=spec.id_column, confine=spec.confine,
+                                                    exclude=output_files(spec.out))
         self.questions = group_by_image(questions) if questions is not None else self._questions()
         self.source_exhausted = False
         self.devices = resolve_devices(spec.devices) if spec.devices else [resolve_device(spec.device)]
@@ -147,16 +149,19 @@ class Job:
         self.cpu_matmul = resolve_cpu_matmul(spec.cpu_matmul, self.device, self.dtype)
         self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
         self.config = self.checkpoint.config
-        parameters = check_weights(self.checkpoint)  # the weights themselves load once an image needs them
+        shapes = weight_shapes(self.checkpoint)  # headers only: layers the files lack stop the job here
         if self.device.type == "cpu":  # on CUDA the engine checks its cache, once the weights are in
-            self._check_host_memory(parameters)
+            # Counted from the headers, before the model's structure is built for the tensor check.
+            self._check_host_memory(sum(math.prod(shape) for shape in shapes.values()))
+        check_weights(self.checkpoint, shapes)  # the weights themselves load once an image needs them
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
         self.sink = ParquetSink(
             spec.out, CAPTION_SCHEMA if spec.task == "caption" else VQA_SCHEMA,
             key=("id",) if spec.task == "caption" else ("id", "question_id"),
             failure_column="error", version_column="image_version",
-            settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite, flush_rows=spec.flush_rows)
+            settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite, recover=spec.recover,
+            flush_rows=spec.flush_rows)
 
     def _check_host_memory(self, parameters: int) -> None:
         """Stop before any work when the weights and KV cache of every CPU worker cannot fit."""
@@ -204,7 +209,7 @@ class Job:
     def metadata(self) -> dict[str, str]:
         return {"vlmbatch.version": __version__, "vlmbatch.model": self.spec.model,
                 "vlmbatch.model_fingerprint": self.fingerprint, "vlmbatch.dtype": str(self.dtype),
-                "vlmbatch.source": self.spec.source}
+                "vlmbatch.source": readable(self.spec.source)}
 
     # -- work ------------------------------------------------------------------------------------
     def items(self, done: Mapping[tuple, str | None], summary: Summary,

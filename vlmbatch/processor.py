@@ -46,7 +46,12 @@ class Processor:
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             raise VlmbatchError(f"no tokenizer.json in {path}")
-        return cls(Tokenizer.from_file(str(file)), cfg)
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises a bare Exception for every malformed file
+            raise VlmbatchError(f"cannot read {file}: {exc}; if a download was interrupted, delete the file "
+                                "and fetch it again") from None
+        return cls(tokenizer, cfg)
 
     # -- images ---------------------------------------------------------------------------------
     # Split in two so workers ship 8-bit pixels (4x smaller than float32) and normalization runs

@@ -8,8 +8,17 @@ from typing import Any, Mapping, Union
 
 from PIL import Image
 
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An image its source already refuses to read (e.g. a manifest path outside the folder it is
+    confined to); decoding it fails with `reason`, so it becomes an error row like any broken image."""
+
+    reason: str
+
+
 # Where an image comes from. Decoding is deferred to the processor workers so sources stay cheap.
-ImageRef = Union[str, os.PathLike, bytes, Image.Image]
+ImageRef = Union[str, os.PathLike, bytes, Image.Image, Unreadable]
 
 
 @dataclass(frozen=True)
@@ -18,7 +27,8 @@ class ImageRecord:
 
     `id` is stable across runs (it is what resume keys on): for folders the path relative to the
     source root with `/` separators, for datasets and manifests the id column's value, else an image
-    path as the rows write it, else the row index.
+    path as the rows write it, else the row index. Bytes a file name holds that are not UTF-8 are
+    spelled as escapes (see `readable`).
     `version` tells one content of the image under that id from another: for an image file, its size
     and modification time (see `file_version`), so that a run can tell a file replaced since its row was
     written; None where nothing tells (bytes, dataset rows).
@@ -29,6 +39,29 @@ class ImageRecord:
     image: ImageRef
     extra: Mapping[str, Any] = field(default_factory=dict)
     version: str | None = None
+
+    def __post_init__(self):
+        # Every source's ids pass here on their way to a row; the image keeps the name it really has.
+        object.__setattr__(self, "id", readable(self.id))
+
+
+def readable(text: str) -> str:
+    """`text` as valid UTF-8, for a row or a message.
+
+    A file name that is not UTF-8 reaches Python with each undecodable byte as a lone surrogate
+    (surrogateescape), which Parquet cannot store: those bytes are spelled `\\xNN`, as `backslashreplace`
+    spells them (so `x\\xe9.jpg`, the same on every run), and any other lone surrogate `\\udNNN`."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte of a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def normalize_image_key(image: str) -> str:

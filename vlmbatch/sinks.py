@@ -6,10 +6,12 @@ crash, SIGKILL or Ctrl-C at any instant without losing or duplicating a row that
 How, for an output OUT:
 
 * Rows are buffered, then flushed as small part files `OUT.parts/part-NNNNNN.parquet`. Each part is
-  written under a temporary name, fsynced and `os.replace`d into place (then the folder is fsynced),
-  so a part file either exists complete or does not exist.
+  written under a temporary name, fsynced and hard-linked into place under the first free number (then
+  the folder is fsynced), so a part file either exists complete or does not exist, and never replaces
+  another part.
 * `close()` merges OUT (if any) and the parts into a temporary file, streaming record batches, fsyncs it,
   `os.replace`s it onto OUT, fsyncs the folder, and only then deletes the parts.
+* Temporary names carry the writer's pid and a random token, so two writers never share one.
 * Merging keeps each key's latest row. A caller writes a key again only when it decides the row is
   out of date: the job does for a failed row (`failure_column` set: an image that could not be
   decoded, perhaps caught half copied) and for a row of an image replaced since (`version_column`
@@ -17,14 +19,23 @@ How, for an output OUT:
   hold need deciding: an OUT row is dropped when a part holds its key, and a part row when a later
   part row has its key. This makes every crash state recoverable:
     - crash while parts are being written: finished parts are kept, the temporary file is deleted on
-      the next open;
+      the next open (under the lock, and only if no live process of that pid could still be writing it);
     - crash while merging, before the replace: OUT is the old file, all parts remain; the next close
       merges them again;
     - crash after the replace, while deleting parts: OUT already holds the parts' rows; the next close
       merges the same rows again.
   Memory during the merge is bounded by the parts' keys, not by the size of OUT.
 * An exclusive lock file (`OUT.lock`, flock-based, released by the kernel if the process dies) stops
-  two runs from writing the same output at once.
+  two runs from writing the same output at once. Deleting it by hand while a run holds it lets a second
+  run in: the first finds its lock file gone or replaced at its next flush or before it would replace
+  OUT, and stops there with an error, its parts kept for the next run to merge.
+* Every page carries a CRC32 checksum, verified whenever a page is read. Opening reads OUT and every
+  part whole, so damage behind an intact footer is found before any work,
+  not at the final merge. A damaged OUT is refused unless `recover` is given, which moves it aside
+  (`OUT.corrupt-<time>`) and goes on: rows in the parts are kept, the rest are made again. A damaged
+  part is always moved aside (`part-NNNNNN.parquet.corrupt-<time>`, in OUT.parts), its rows made
+  again. Each is said in one `VlmbatchWarning`. A file in OUT.parts named `part-*.parquet` but not as
+  parts are named is no part: it is left alone, with a warning.
 * File metadata carries `vlmbatch.settings` (JSON) plus the caller's metadata and `vlmbatch.written_at`.
   Reopening an output written with other settings or another schema is refused, so one file never
   mixes results of different runs. The one schema change accepted is an output written before a
@@ -33,13 +44,18 @@ How, for an output OUT:
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import glob
 import itertools
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,13 +65,16 @@ from typing import Any, BinaryIO, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmbatch.errors import VlmbatchError
+from vlmbatch.errors import VlmbatchError, VlmbatchWarning
 
 SETTINGS_KEY = "vlmbatch.settings"
 WRITTEN_AT_KEY = "vlmbatch.written_at"
 # Rows per row group of the merged file: large enough for efficient reads, small enough to buffer.
 MERGE_ROW_GROUP_ROWS = 65_536
 _PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
+_PART_NAME = re.compile(r"part-(\d+)\.parquet")
+# A temporary file: `.NAME.PID-TOKEN.tmp` (older versions wrote `.NAME.tmp`, without a writer).
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+?)(?:\.(?P<pid>\d+)-[0-9a-f]+)?\.tmp")
 _OVERWRITE_HINT = "use --overwrite to replace it or a different --out"
 # Output names that promise another format than the Parquet written (a CSV named file would be unreadable).
 _OTHER_FORMATS = frozenset({".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".txt", ".xlsx", ".xls", ".arrow",
@@ -91,6 +110,13 @@ class _NoPandas:
         return None
 
 
+def output_files(out: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """What a sink writing `out` keeps on disk: OUT itself, its parts folder and its lock file (its
+    temporary files are hidden ones beside these)."""
+    out = Path(out)
+    return out, out.with_name(out.name + ".parts"), out.with_name(out.name + ".lock")
+
+
 class ParquetSink:
     """Append rows to the Parquet file `path`, resumably; see the module docstring for the guarantees.
 
@@ -99,7 +125,7 @@ class ParquetSink:
     `done_keys` reports beside each key (which version of the input the row was made from).
     `settings` (JSON-able) must match those of any existing output (a top-level setting the existing
     output has and `settings` lacks is not compared); `metadata` entries are stored as they are, not
-    compared.
+    compared. `recover` moves an OUT that cannot be read aside instead of refusing it.
     """
 
     def __init__(
@@ -113,6 +139,7 @@ class ParquetSink:
         settings: dict,
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
+        recover: bool = False,
         flush_rows: int = 256,
         flush_seconds: float = 30.0,
     ) -> None:
@@ -123,7 +150,7 @@ class ParquetSink:
             if column is not None and column not in schema.names:
                 raise ValueError(f"{role} column {column!r} is not in the schema")
         self.path = Path(path)
-        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.path, self.parts_dir, lock_path = output_files(path)
         self._key = tuple(key)
         self._failure_column = failure_column
         self._version_column = version_column
@@ -140,8 +167,8 @@ class ParquetSink:
         self._buffer: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self._closed = False
-        self._lock = _LockFile(self.path.with_name(self.path.name + ".lock"), self.path)
-        self._open(overwrite)
+        self._lock = _LockFile(lock_path, self.path)
+        self._open(overwrite, recover)
         self._next_part = max((_part_number(p) for p in self._part_paths()), default=-1) + 1
 
     # --- public API ------------------------------------------------------------------------------------
@@ -185,10 +212,11 @@ class ParquetSink:
         """Make buffered rows durable as a new part file. Once this returns, no crash can lose them."""
         if self._buffer:
             table = pa.Table.from_pylist(self._buffer, schema=self._file_schema())
-            part = self.parts_dir / f"{_PART_PREFIX}{self._next_part:06d}{_PART_SUFFIX}"
-            _write_atomically(part, lambda file: pq.write_table(table, file))
-            self._next_part += 1
+            write = lambda file: pq.write_table(table, file, write_page_checksum=True)  # noqa: E731
+            written = _write_new_part(self.parts_dir, self._next_part, write)
+            self._next_part = written + 1
             self._buffer.clear()
+            self._check_lock()  # after the part: its rows are saved whatever this finds
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -199,6 +227,7 @@ class ParquetSink:
             self.flush()
             parts = self._part_paths()
             if parts or not self.path.exists():
+                self._check_lock()
                 self._merge(parts)
             self._remove_parts(parts)
         finally:
@@ -216,7 +245,7 @@ class ParquetSink:
 
     # --- opening ---------------------------------------------------------------------------------------
 
-    def _open(self, overwrite: bool) -> None:
+    def _open(self, overwrite: bool, recover: bool) -> None:
         """Probe that OUT is writable, lock it, then clear or validate what a previous run left."""
         if self.path.is_dir():
             example = self.path / "results.parquet"
@@ -231,6 +260,8 @@ class ParquetSink:
         try:
             with _output_errors(self.path):
                 self._clear_leftovers(overwrite)
+                self._set_aside_unreadable(recover)
+            self._warn_of_misnamed_parts()
             for path in self._existing_files():
                 self._check_compatible(path)
         except BaseException:
@@ -238,14 +269,41 @@ class ParquetSink:
             raise
 
     def _clear_leftovers(self, overwrite: bool) -> None:
-        """Delete half-written temporary files (and, with overwrite, all previous output)."""
+        """Delete half-written temporary files of dead runs (and, with overwrite, all previous output).
+        Called under the lock, so a live writer's temporary is one whose lock was taken from it."""
         if overwrite:
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             self.path.unlink(missing_ok=True)
         self.parts_dir.mkdir(exist_ok=True)
-        _temporary_path(self.path).unlink(missing_ok=True)  # from an interrupted merge
-        for temporary in self.parts_dir.glob(".*.tmp"):  # from interrupted flushes
-            temporary.unlink()
+        merges = self.path.parent.glob(f".{glob.escape(self.path.name)}.*tmp")  # from interrupted merges
+        for temporary in itertools.chain(merges, self.parts_dir.glob(".*.tmp")):  # and flushes
+            if _left_by_dead_run(temporary, self.path.name if temporary.parent != self.parts_dir else None):
+                temporary.unlink(missing_ok=True)
+
+    def _set_aside_unreadable(self, recover: bool) -> None:
+        """Read OUT and each part whole, now rather than at the final merge: an unreadable part is moved
+        aside, its rows to be made again; an unreadable OUT too with `recover`, else it is refused."""
+        if self.path.exists():
+            reason = _unreadable(self.path)
+            if reason is not None and not recover:
+                raise VlmbatchError(
+                    f"{self.path} is not a readable Parquet file ({reason}); rerun with --recover (--set recover=true) "
+                    f"to move it aside and go on, keeping the rows saved in {self.parts_dir} and making the rest "
+                    f"again, or {_OVERWRITE_HINT}")
+            if reason is not None:
+                aside = _move_aside(self.path)
+                _warn(f"{self.path} could not be read ({reason}): moved it to {aside}; rows saved in "
+                      f"{self.parts_dir} are kept, the rest are made again")
+        for part in self._part_paths():
+            reason = _unreadable(part)
+            if reason is not None:
+                _warn(f"part file {part} could not be read ({reason}): moved it to {_move_aside(part)}; "
+                      "its rows are made again")
+
+    def _warn_of_misnamed_parts(self) -> None:
+        for path in sorted(self.parts_dir.glob(f"{_PART_PREFIX}*{_PART_SUFFIX}")):
+            if _part_number(path) is None:
+                _warn(f"{path} is not a part file (those are named part-NNNNNN.parquet): left alone, not read")
 
     def _check_compatible(self, path: Path) -> None:
         """Refuse to add to a file written by another kind of run (settings or columns differ)."""
@@ -269,10 +327,12 @@ class ParquetSink:
     # --- files -----------------------------------------------------------------------------------------
 
     def _part_paths(self) -> list[Path]:
-        """Finished part files in write order (temporary files start with '.' and never match)."""
+        """Finished part files in write order (temporary files start with '.' and never match; nor does a
+        name without a part number, nor a part moved aside)."""
         if not self.parts_dir.is_dir():
             return []
-        return sorted(self.parts_dir.glob(f"{_PART_PREFIX}*{_PART_SUFFIX}"), key=_part_number)
+        named = self.parts_dir.glob(f"{_PART_PREFIX}*{_PART_SUFFIX}")
+        return sorted((path for path in named if _part_number(path) is not None), key=_part_number)
 
     def _existing_files(self) -> list[Path]:
         return ([self.path] if self.path.exists() else []) + self._part_paths()
@@ -288,7 +348,7 @@ class ParquetSink:
                 latest[key] = (part_index, row_index)
 
         def write_merged(file: BinaryIO) -> None:
-            with pq.ParquetWriter(file, self._file_schema()) as writer:
+            with pq.ParquetWriter(file, self._file_schema(), write_page_checksum=True) as writer:
                 row_groups = _RowGroupWriter(writer)
                 if self.path.exists():
                     for batch in self._batches(self.path):
@@ -302,12 +362,20 @@ class ParquetSink:
                         first_row += len(keys)
                 row_groups.flush()
 
-        _write_atomically(self.path, write_merged)
+        _write_atomically(self.path, write_merged, before_replace=self._check_lock)
+
+    def _check_lock(self) -> None:
+        """Stop once the lock file is gone or another file took its name: another run may be writing OUT."""
+        if not self._lock.held():
+            raise VlmbatchError(
+                f"the lock {self._lock.path} was deleted or replaced while this run held it, so another run may "
+                f"be writing {self.path}: stopped without replacing it; the rows saved so far are kept in "
+                f"{self.parts_dir} for the next run to merge")
 
     def _batches(self, path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """A file's rows (only `columns`, if given) in batches of the current schema: a file written
         before a nullable column was added reads as null there (see `_check_compatible`)."""
-        file = pq.ParquetFile(path)
+        file = pq.ParquetFile(path, page_checksum_verification=True)
         names = columns or self._schema.names
         present = [name for name in names if name in file.schema_arrow.names]
         schema = pa.schema([self._schema.field(name) for name in names])
@@ -401,10 +469,17 @@ class _LockFile:
                 return
             os.close(fd)  # the previous holder removed this file as we locked it; lock the new one
 
+    def held(self) -> bool:
+        """Whether the lock file is still the one locked: deleted by hand, or replaced by another run's, it
+        no longer keeps other runs out."""
+        return self._fd is not None and self._still_linked(self._fd)
+
     def release(self) -> None:
-        """Remove the file before unlocking, so a waiting run never holds a lock on a deleted file."""
+        """Remove the file before unlocking, so a waiting run never holds a lock on a deleted file; but
+        only our own: a file that took its name is another run's lock."""
         if self._fd is not None:
-            self.path.unlink(missing_ok=True)
+            if self._still_linked(self._fd):
+                self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
 
@@ -418,16 +493,58 @@ class _LockFile:
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` so that it either appears complete and durable or not at all."""
+def _write_atomically(path: Path, write: Callable[[BinaryIO], None],
+                      before_replace: Callable[[], None] | None = None) -> None:
+    """Write `path` so that it either appears complete and durable or not at all; `before_replace` may
+    still refuse once the new content is written."""
     temporary = _temporary_path(path)
     with _output_errors(path):
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        try:
+            _write_durably(temporary, write)
+            if before_replace is not None:
+                before_replace()
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)  # gone once replaced; a failed write's is no use to anyone
         _fsync_directory(path.parent)
+
+
+def _write_new_part(directory: Path, number: int, write: Callable[[BinaryIO], None]) -> int:
+    """Write a part as `_write_atomically` does, as the first of part `number`, `number + 1`, ... that does
+    not exist yet; never over another part (another run's, if its lock was taken from it). Returns its number."""
+    temporary = _temporary_path(directory / _part_name(number))
+    with _output_errors(directory):
+        try:
+            _write_durably(temporary, write)
+            while not _link_new(temporary, directory / _part_name(number)):
+                number += 1
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_directory(directory)
+    return number
+
+
+def _write_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    with open(path, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _link_new(source: Path, target: Path) -> bool:
+    """Give `source` the name `target` unless that exists (False). A hard link, where the file system
+    has them, as no rename can refuse to replace."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if target.exists():  # no hard links here: check, then rename (a race only a second writer can lose)
+            return False
+        os.replace(source, target)
+    return True
 
 
 @contextmanager
@@ -440,7 +557,56 @@ def _output_errors(path: Path) -> Iterator[None]:
 
 
 def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+    """A fresh name beside `path`, its writer's own: another writer of the same file never shares it."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _left_by_dead_run(temporary: Path, name: str | None) -> bool:
+    """Whether a temporary file (of `name`, if given) was left by a process that is gone. One written by
+    a process of our pid is: this one has written none yet (the pid was a run's before, in another container)."""
+    match = _TEMPORARY_NAME.fullmatch(temporary.name)
+    if match is None or (name is not None and match["name"] != name):
+        return False
+    pid = int(match["pid"]) if match["pid"] else 0  # an older version's name gives no writer: left long ago
+    return pid <= 0 or pid == os.getpid() or not _process_exists(pid)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read whole as Parquet (its footer, every page of every column), or None."""
+    with open(path, "rb") as file:  # an OS error opening it (permission) is no damage: it is raised
+        try:
+            parquet = pq.ParquetFile(file, page_checksum_verification=True)
+            for _ in parquet.iter_batches(batch_size=MERGE_ROW_GROUP_ROWS):
+                pass
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            return " ".join(str(exc).split()) or type(exc).__name__
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged file to `NAME.corrupt-<UTC time>` beside it, never over another, and return that."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for attempt in itertools.count():
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}" + (f"-{attempt}" if attempt else ""))
+        if _link_new(path, aside):
+            break
+    path.unlink(missing_ok=True)  # gone already where the file system has no hard links (renamed)
+    _fsync_directory(path.parent)
+    return aside
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, VlmbatchWarning, stacklevel=2)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -452,8 +618,14 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _part_number(path: Path) -> int:
-    return int(path.name[len(_PART_PREFIX) : -len(_PART_SUFFIX)])
+def _part_name(number: int) -> str:
+    return f"{_PART_PREFIX}{number:06d}{_PART_SUFFIX}"
+
+
+def _part_number(path: Path) -> int | None:
+    """The number of a part file's name; None for a name that is no part's."""
+    match = _PART_NAME.fullmatch(path.name)
+    return int(match[1]) if match else None
 
 
 def _settings_diff(old: dict, new: dict) -> str:

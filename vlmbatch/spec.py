@@ -7,12 +7,123 @@ without importing torch (2-3 s on a small CPU). The pipeline and the engine take
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import functools
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from vlmbatch.errors import VlmbatchError
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 DEFAULT_CAPTION_PROMPT = "caption en"
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
+TASKS = ("caption", "vqa")
+
+# The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
+AT_LEAST = {"max_new_tokens": 1, "num_beams": 1, "temperature": 0, "batch_size": 1, "limit": 1, "flush_rows": 1,
+            "workers": 0}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class SpecError(VlmbatchError, ValueError):
+    """A setting of the wrong type or out of bounds, in one line naming it, its value and what it must be."""
+
+
+def _validate(settings) -> None:
+    """Coerce each field of the frozen dataclass `settings` to its annotated type, then check its bounds.
+    Specs and --set give text or TOML values: "no" must not be true, nor 2.5 a batch size."""
+    for item in fields(settings):
+        value = _coerce(item.name, getattr(settings, item.name), _hints(type(settings))[item.name])
+        object.__setattr__(settings, item.name, value)
+        _check_bound(item.name, value)
+
+
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_bound(name: str, value) -> None:
+    if value is None:
+        return
+    if name in AT_LEAST and not value >= AT_LEAST[name]:
+        raise SpecError(f"{name} must be at least {AT_LEAST[name]}, got {value!r}")
+    if name == "top_p" and not 0 < value <= 1:
+        raise SpecError(f"top_p must be in (0, 1], got {value!r}")
+
+
+def _coerce(name: str, value, hint):
+    """`value` as the type `hint` names (a class, or one with `| None`)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    wanted = next(option for option in options if option is not type(None))
+    try:
+        return _CONVERTERS.get(wanted, _instance_of(wanted))(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{name} must be {_NAMES.get(wanted, wanted.__name__)}, got {value!r}") from None
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(value)
+
+
+def _as_int(value) -> int:
+    if isinstance(value, str):  # text from --set: written as an integer, or as a float without a fraction
+        value = _number(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(value)  # int() of a bool, or of 2.5, would pass unnoticed
+    return value
+
+
+def _as_float(value) -> float:
+    if isinstance(value, str):
+        value = _number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(value)
+    return float(value)
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _as_str(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _as_path(value) -> Path:
+    if not isinstance(value, (str, Path)):
+        raise TypeError(value)
+    return Path(value)
+
+
+def _instance_of(cls: type):
+    def check(value):
+        if not isinstance(value, cls):
+            raise TypeError(value)
+        return value
+    return check
+
+
+_CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str, Path: _as_path}
+_NAMES = {bool: "a boolean (true/false, yes/no, on/off, 1/0)", int: "an integer", float: "a number",
+          str: "a string", Path: "a path"}
 
 
 @dataclass(frozen=True)
@@ -25,16 +136,9 @@ class GenerationSettings:
     length_penalty: float = 1.0  # beam search only, as in transformers
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.num_beams < 1:
-            raise ValueError("num_beams must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        _validate(self)
         if self.num_beams > 1 and self.temperature > 0:
-            raise ValueError("beam search with sampling is not supported: use --num-beams 1 with --temperature")
+            raise SpecError("beam search with sampling is not supported: use --num-beams 1 with --temperature")
 
     @property
     def sampling(self) -> bool:
@@ -68,6 +172,13 @@ class JobSpec:
     overwrite: bool = False
     workers: int | None = None  # decode processes; 0 decodes in the main process; None: see default_workers
     flush_rows: int = 256  # rows buffered before a part file is written (what a kill can cost)
+    confine: bool = False  # datasets and manifests: image paths outside their folder become error rows
+    recover: bool = False  # an unreadable OUT is moved aside (OUT.corrupt-<time>), not refused; parts are kept
+
+    def __post_init__(self):
+        _validate(self)
+        if self.task not in TASKS:
+            raise SpecError(f"task must be caption or vqa, got {self.task!r}")
 
     @property
     def answer_column(self) -> str:

@@ -1,35 +1,13 @@
 """CPU fast paths for the token-wise layers: a linear layer, the tanh GELU, and MLPs in row slices.
 
-Each computes the same function as the plain torch op and is used only on a CPU; on a GPU the model
-runs the plain ops. All were measured on the benchmark's 2-core CPUs (eval/README.md):
-
-- `Linear` with oneDNN (`use_onednn`): torch multiplies float32 matrices with MKL, which on AMD
-  processors does not use AVX-512. oneDNN picks its kernels by instruction set, not vendor: on a
-  2-core AMD EPYC (Zen 5) its products with the weight prepacked in its blocked layout ran 2.3-3.4x
-  faster than MKL's, from a decode step's 16 rows (296 against 87 GFLOP/s) to a prefill's 4,000
-  (380 against 130-165); the vision tower and a prefill took half the time. On a 2-core AVX2-only
-  AMD EPYC (Zen 3) the gap is small: 1.0-1.8x (mostly 1.05-1.3x) over the model's shapes from 16 to
-  4,096 rows, whole runs 2-4 % faster. oneDNN can also apply an MLP's GELU, or its gate product,
-  as it writes a product (`Linear.gelu_tanh`, `Linear.times`), sparing a pass over the wide
-  intermediate. For the product, that pass costs 11-18 % of the time on Zen 5; its GELU, on Zen 3,
-  made the GELU's products 40-70 % slower than the plain product followed by `gelu_tanh`. So
-  `choose_cpu_matmul` times the three ways ("torch", "onednn", "onednn+gelu") on one GELU product
-  and takes the fastest. All accumulate in float32; their results differ in the last bits, as two
-  BLAS libraries' do.
-- `Linear` without it: a decode step multiplies a few rows (one per live sequence) by each weight
-  matrix. MKL is 20-35 % faster at that product taken weight-major, W·xᵀ, than as x·Wᵀ. Each output
-  is the same dot product either way; in the shapes tried, the bits were identical for 1 and for
-  13-64 rows and differed in the last place for 2-8 rows.
-- `gelu_tanh`: ½x(1 + tanh u) equals x·σ(2u), and torch's vectorised sigmoid is much faster than its
-  tanh: the four passes over the tensor (2u/x, 2u, σ, ·x) cost 55-60 % of
-  `F.gelu(approximate="tanh")` on Zen 3 (a six-pass form before it: 40 % on Zen 5, 95-110 % on
-  Zen 3). Both are within 6e-7 of the float64 value; for negative inputs, where 1 + tanh u cancels,
-  this form keeps more relative precision than torch's.
-- `in_row_blocks`: an MLP's intermediate activation is 4-8x wider than its input: for a batch of
-  prompts (16 x 266 tokens x 2048 floats) it is tens of MB, far out of cache, and the activation and
-  the next matmul each stream it through memory again. In slices of ~1,000 tokens it stays in cache
-  from one matmul to the next (vision tower about 36 → 32 ms per image). Each token's row goes
-  through the same kernels either way: bit-identical, which the tests check.
+Each computes the function of the plain torch op and is used only on a CPU (a GPU runs the plain ops):
+- `Linear` through oneDNN with the weight prepacked: torch's float32 products go to MKL, which leaves
+  AVX-512 unused on AMD processors; oneDNN picks kernels by instruction set, and can apply an MLP's
+  GELU or gate product as it writes the product. `choose_cpu_matmul` times the ways on one product.
+- `Linear` without it takes a decode step's few rows weight-major (W·xᵀ), which MKL does faster.
+- `gelu_tanh` as x·σ(2u): the same function, and torch's vectorised sigmoid is faster than its tanh.
+- `in_row_blocks`: an MLP in slices of ~1,000 tokens keeps its wide intermediate in cache.
+Figures: eval/RESULTS.md.
 """
 
 from __future__ import annotations

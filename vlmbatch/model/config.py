@@ -6,10 +6,13 @@ here, in one place, so a config that says only `"model_type": "gemma2"` still bu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import UnionType
 from typing import Any
 
 GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new", "gelu", "gelu_tanh")
@@ -27,6 +30,15 @@ class VisionConfig:
     image_size: int = 224
     patch_size: int = 14
     layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        _check_values(self, "vision_config.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"vision_config.hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision_config.image_size {self.image_size} is smaller than its patch_size "
+                             f"{self.patch_size}")
 
     @property
     def num_patches(self) -> int:
@@ -57,6 +69,19 @@ class TextConfig:
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _check_values(self, "text_config.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"text_config.num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"text_config.layer_types names {len(self.layer_types)} layers, num_hidden_layers "
+                             f"is {self.num_hidden_layers}")
+        unknown = [kind for kind in self.layer_types if kind not in LAYER_TYPES]
+        if unknown:
+            raise ValueError(f"text_config.layer_types: unknown {_short(unknown[0])} "
+                             f"(expected {' or '.join(LAYER_TYPES)})")
 
     @property
     def is_gemma2(self) -> bool:
@@ -92,6 +117,13 @@ class PaliGemmaConfig:
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
 
+    def __post_init__(self):
+        _check_values(self, "")
+        for name in _TOKEN_IDS:
+            if getattr(self, name) >= self.text.vocab_size:
+                raise ValueError(f"{name} {getattr(self, name)} is outside the vocabulary "
+                                 f"(text_config.vocab_size {self.text.vocab_size})")
+
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
@@ -102,12 +134,16 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "PaliGemmaConfig":
+        _check_object(raw, "the config")
         if raw.get("model_type", "paligemma") != "paligemma":
             raise ValueError(f"not a PaliGemma config: model_type is {raw.get('model_type')!r}")
-        text = _parse_text(raw.get("text_config") or {})
-        vision = _parse_vision(raw.get("vision_config") or {})
-        text_raw = raw.get("text_config") or {}
-        tie = raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", True))
+        text_raw, vision_raw = raw.get("text_config") or {}, raw.get("vision_config") or {}
+        _check_object(text_raw, "text_config")
+        _check_object(vision_raw, "vision_config")
+        text = _parse_text(text_raw)
+        vision = _parse_vision(vision_raw)
+        tie = next((v for v in (raw.get("tie_word_embeddings"), text_raw.get("tie_word_embeddings")) if v is not None),
+                   True)
         return cls(
             vision=vision,
             text=text,
@@ -115,12 +151,12 @@ class PaliGemmaConfig:
             bos_token_id=_first(raw.get("bos_token_id", text_raw.get("bos_token_id", 2))),
             eos_token_id=_first(raw.get("eos_token_id", text_raw.get("eos_token_id", 1))),
             pad_token_id=_first(raw.get("pad_token_id", text_raw.get("pad_token_id", 0))),
-            tie_word_embeddings=bool(tie),
+            tie_word_embeddings=tie,
         )
 
 
 def _first(value: int | list[int] | None) -> int | None:
-    return value[0] if isinstance(value, list) else value
+    return value[0] if isinstance(value, list) and value else value
 
 
 def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
@@ -144,15 +180,17 @@ def _parse_text(raw: dict[str, Any]) -> TextConfig:
         raise ValueError(f"unsupported PaliGemma text model_type {model_type!r} (expected gemma or gemma2)")
     values = {**(_GEMMA2_DEFAULTS if model_type == "gemma2" else {}), **_known(TextConfig, raw)}
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    _check_object(rope, "text_config.rope_parameters")
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"unsupported rope_type {rope['rope_type']!r}")
-    values["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", TextConfig.rope_theta)))
+    values["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", TextConfig.rope_theta))
     if model_type == "gemma2":
         layers = values.get("num_hidden_layers", TextConfig.num_hidden_layers)
+        # A count of the wrong type makes no default list here: TextConfig names the key instead.
         types = raw.get("layer_types") or [
-            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(_int_or_zero(layers))
         ]
-        values["layer_types"] = tuple(types)
+        values["layer_types"] = tuple(types) if isinstance(types, list) else types
     else:
         values["layer_types"] = ()
         values["sliding_window"] = None
@@ -164,3 +202,59 @@ def _check_activation(name: str | None) -> None:
     # Every PaliGemma uses the tanh approximation of GELU; Gemma's legacy "gelu" means the same.
     if name is not None and name not in GELU_TANH_NAMES:
         raise ValueError(f"unsupported activation {name!r}")
+
+
+# -- validation: every value of a config, checked once, here -------------------------------------------
+# A bad config.json (a layer count written as text, a zero patch size) is refused with a line naming its
+# key, not met later as an exception from inside the model.
+LAYER_TYPES = ("sliding_attention", "full_attention")
+_TOKEN_IDS = ("image_token_id", "bos_token_id", "eos_token_id", "pad_token_id")  # may be 0; sizes may not
+
+
+def _check_object(value: Any, what: str) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__} {_short(value)}")
+
+
+def _check_values(config: Any, section: str) -> None:
+    """Each field of `config` (a config dataclass) against its annotation: integers positive (token ids
+    non-negative), numbers positive and finite, stored as floats."""
+    for item in fields(config):
+        value, hint = getattr(config, item.name), _hints(type(config))[item.name]
+        key = f"{section}{item.name}"
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        options = typing.get_args(hint) if isinstance(hint, UnionType) else (hint,)
+        kind = next(t for t in options if t is not type(None))
+        kind = typing.get_origin(kind) or kind  # tuple[str, ...] is checked as a tuple
+        if kind is int:
+            least = 0 if item.name in _TOKEN_IDS else 1
+            if not _is_int(value) or value < least:
+                raise ValueError(f"{key} must be a {'non-negative' if least == 0 else 'positive'} integer, "
+                                 f"got {_short(value)}")
+        elif kind is float:
+            if not (_is_int(value) or isinstance(value, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a positive number, got {_short(value)}")
+            object.__setattr__(config, item.name, float(value))
+        elif kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {_short(value)}")
+        elif kind in (str, tuple) and not isinstance(value, kind):
+            raise ValueError(f"{key} must be a {'string' if kind is str else 'list'}, got {_short(value)}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_or_zero(value: Any) -> int:
+    return value if _is_int(value) else 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

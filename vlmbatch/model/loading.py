@@ -16,12 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from vlmbatch.errors import VlmbatchError
+from vlmbatch.hub import why_unreachable
+from vlmbatch.memory import available_bytes, total_gb
 from vlmbatch.model.blocks import choose_cpu_matmul, use_onednn
 from vlmbatch.model.config import PaliGemmaConfig
 from vlmbatch.model.gemma import RotaryEmbedding
@@ -114,14 +116,17 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    unreachable = why_unreachable()  # if so, the cache alone, at once, instead of the library's retry loop
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES, token=os.environ.get("HF_TOKEN")))
+        return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES, token=os.environ.get("HF_TOKEN"),
+                                      local_files_only=unreachable is not None))
     except GatedRepoError:
         raise VlmbatchError(f"{repo_id} is gated: accept its license on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise VlmbatchError(f"model not found on the Hub: {repo_id} (for a gated repo, set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
-        raise VlmbatchError(f"cannot download {repo_id}: offline and not in the Hugging Face cache; "
+        why = f"{unreachable}, " if unreachable else "offline "
+        raise VlmbatchError(f"cannot download {repo_id}: {why}and not in the Hugging Face cache; "
                             "pass a local checkpoint directory with --model") from None
     except OSError as exc:
         raise VlmbatchError(f"cannot download {repo_id}: {exc}") from None
@@ -152,11 +157,24 @@ def _used_tensors(checkpoint: Checkpoint, device: str | torch.device = "cpu") ->
         except (SafetensorError, OSError) as exc:
             raise VlmbatchError(f"{checkpoint.name}: cannot read {file.name} ({exc}); if a download was "
                                 "interrupted, delete the file and fetch it again") from None
+        except RuntimeError as exc:  # torch maps the whole file, even to read its header
+            if "unable to mmap" not in str(exc):
+                raise
+            raise _unmappable(checkpoint, file) from None
         with handle as f:
             for name in f.keys():
                 target = canonical_name(name)
                 if target is not None:
                     yield f, name, target
+
+
+def _unmappable(checkpoint: Checkpoint, file: Path) -> VlmbatchError:
+    """The kernel refused to map the file: it is larger than the memory the process may commit."""
+    available = available_bytes(torch.device("cpu"))
+    memory = f", {total_gb(available)} of memory available" if available is not None else ""
+    return VlmbatchError(f"{checkpoint.name}: {file.name} could not be memory-mapped: the file is "
+                         f"{total_gb(file.stat().st_size)}{memory}; it needs a machine with more memory, or the "
+                         "checkpoint saved in smaller shards")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -171,10 +189,11 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu", dtype
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     cfg = checkpoint.config
-    model = _meta_model(cfg)
     state = read_state_dict(checkpoint, device)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: the head is the embedding matrix
+    _check_layer_counts(checkpoint, state)
+    model = _meta_model(cfg)
     _check_tensors(checkpoint, model, {name: tuple(t.shape) for name, t in state.items()})
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
@@ -213,16 +232,40 @@ def _skip_random_init() -> Iterator[None]:
             setattr(torch.nn.init, name, function)
 
 
-def check_weights(checkpoint: Checkpoint) -> int:
-    """Raise what `load_model` would about the checkpoint's tensor names and shapes, reading only the
-    safetensors headers: a job checks this before any work starts, though it loads the weights only
-    once an image needs them. Returns the model's number of parameters (a tied head counted once)."""
+def weight_shapes(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Canonical name → shape of each tensor the model uses (a tied head left out), from the safetensors
+    headers alone. A config whose layer counts the files do not hold is refused here, before anything
+    is built for it."""
     shapes = {target: tuple(f.get_slice(name).get_shape()) for f, name, target in _used_tensors(checkpoint)}
     if checkpoint.config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
+    _check_layer_counts(checkpoint, shapes)
+    return shapes
+
+
+def check_weights(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]] | None = None) -> int:
+    """Raise what `load_model` would about the checkpoint's tensor names and shapes (`shapes`: those of
+    `weight_shapes`, read again if not given), reading only the safetensors headers: a job checks this
+    before any work starts, though it loads the weights only once an image needs them. Returns the
+    model's number of parameters (a tied head counted once)."""
+    shapes = weight_shapes(checkpoint) if shapes is None else shapes
     model = _meta_model(checkpoint.config)
     _check_tensors(checkpoint, model, shapes)
     return sum(param.numel() for param in model.parameters())
+
+
+def _check_layer_counts(checkpoint: Checkpoint, names: Iterable[str]) -> None:
+    """The config's layer counts against the layers the weight files hold. Building the model of a
+    config that asks for far more layers than the files have would take minutes and gigabytes, only
+    for the tensor check to refuse it; this costs a pass over the names."""
+    names = list(names)
+    cfg = checkpoint.config
+    for prefix, section, wanted in (("text.layers.", "text_config", cfg.text.num_hidden_layers),
+                                    ("vision.encoder.layers.", "vision_config", cfg.vision.num_hidden_layers)):
+        held = len({name[len(prefix):].partition(".")[0] for name in names if name.startswith(prefix)})
+        if held != wanted:
+            raise VlmbatchError(f"{checkpoint.name}: weights do not match the config: config.json has "
+                                f"{section}.num_hidden_layers = {wanted}, the weight files hold {held} such layers")
 
 
 def _meta_model(cfg: PaliGemmaConfig) -> PaliGemma:
