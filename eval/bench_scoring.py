@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vlmbatch.metrics.captions import score_captions  # noqa: E402
-from vlmbatch.metrics.spice import pycocoevalcap_spice_dir  # noqa: E402
+from vlmbatch.evaluation.metrics.captions import score_captions  # noqa: E402
+from vlmbatch.evaluation.metrics.spice import pycocoevalcap_spice_dir  # noqa: E402
 
 TOLERANCE = 1e-4
 

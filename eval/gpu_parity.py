@@ -36,16 +36,15 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_memory import factory, machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vlmbatch.engine import Engine, ImageWork  # noqa: E402
-from vlmbatch.images import resize_square  # noqa: E402
+from vlmbatch.engine.scheduler import Engine, ImageWork  # noqa: E402
 from vlmbatch.model.loading import load_model, resolve_checkpoint  # noqa: E402
-from vlmbatch.processor import Processor  # noqa: E402
+from vlmbatch.model.processor import Processor  # noqa: E402
+from vlmbatch.sources.images import resize_square  # noqa: E402
 from vlmbatch.spec import GenerationSettings  # noqa: E402
 
 VARIANTS = ["pg1_tied", "pg1_untied", "pg2"]

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import factory  # noqa: E402
 
-
 ORACLE_VERSION = (5, 23)  # see the transformers pin in pyproject.toml
 
 

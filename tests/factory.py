@@ -138,7 +138,11 @@ def make_tokenizer(out_dir: Path, image_size: int = 224, patch_size: int = 14) -
     with ``image_seq_length`` = (image_size // patch_size)**2, so that
     ``PaliGemmaProcessor.from_pretrained(out_dir)`` / ``AutoTokenizer`` work.
     """
-    from transformers import GemmaTokenizerFast, PaliGemmaProcessor, SiglipImageProcessor
+    from transformers import (
+        GemmaTokenizerFast,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
     from transformers.image_utils import PILImageResampling
 
     out_dir = Path(out_dir)
@@ -232,7 +236,12 @@ def make_config(variant: str, image_size: int = 224, tokenizer_dir: Path | None 
     Token ids come from the factory tokenizer; vocab_size = tokenizer size, so the
     ``<image>`` id (the last one) is inside the vocab, as in the real checkpoints.
     """
-    from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
+    from transformers import (
+        Gemma2Config,
+        GemmaConfig,
+        PaliGemmaConfig,
+        SiglipVisionConfig,
+    )
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")

@@ -125,10 +125,10 @@ def test_gpu_workload_checkpoint_pads_the_vocabulary_with_ids_never_generated(tm
     import torch
     from safetensors.torch import load_file
 
-    from vlmbatch.engine import Engine, ImageWork
-    from vlmbatch.images import load_resized
+    from vlmbatch.engine.scheduler import Engine, ImageWork
     from vlmbatch.model.loading import load_model, resolve_checkpoint
-    from vlmbatch.processor import Processor
+    from vlmbatch.model.processor import Processor
+    from vlmbatch.sources.images import load_resized
     from vlmbatch.spec import GenerationSettings
 
     padded = 4096

@@ -17,16 +17,16 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
+from factory import broken_images, drop_tensor, photo_variants, real_photos
 from typer.testing import CliRunner
 
-from factory import broken_images, drop_tensor, photo_variants, real_photos
 from vlmbatch.cli import app
-from vlmbatch.engine import Engine, ImageWork
-from vlmbatch.images import load_resized
+from vlmbatch.engine.scheduler import Engine, ImageWork
 from vlmbatch.model.loading import load_model, resolve_checkpoint
+from vlmbatch.model.processor import Processor
 from vlmbatch.model.siglip import SiglipVisionTower
 from vlmbatch.pipeline import default_workers
-from vlmbatch.processor import Processor
+from vlmbatch.sources.images import load_resized
 from vlmbatch.spec import GenerationSettings
 
 runner = CliRunner()
@@ -607,7 +607,7 @@ print(sorted(m for m in ("pyarrow.parquet", "pandas") if m in sys.modules))
 def test_pyarrow_still_converts_pandas_after_the_probe_is_skipped():
     code = """
 import sys
-from vlmbatch.sinks import skip_pyarrows_pandas_probe
+from vlmbatch.sinks.parquet_file import skip_pyarrows_pandas_probe
 skip_pyarrows_pandas_probe()
 import pyarrow as pa
 table = pa.Table.from_pylist([{"a": 1, "b": "x"}, {"a": 2, "b": None}])

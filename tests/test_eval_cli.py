@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import test_eval_data
+from factory import real_photos
 from typer.testing import CliRunner
 
-from factory import real_photos
 from vlmbatch.cli import app
 
 runner = CliRunner()

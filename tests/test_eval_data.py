@@ -13,14 +13,13 @@ import pytest
 from PIL import Image
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.eval_data import (
-    CaptionSet,
+from vlmbatch.evaluation.captions_data import CaptionSet, load_caption_set
+from vlmbatch.evaluation.predictions import (
     load_caption_predictions,
-    load_caption_set,
     load_vqa_predictions,
-    load_vqa_set,
 )
-from vlmbatch.records import Question
+from vlmbatch.evaluation.vqa_data import load_vqa_set
+from vlmbatch.sources.records import Question
 
 COCO_IDS = (42, 73, 74, 133)
 COCO_SPLITS = {42: "test", 73: "test", 74: "val", 133: "restval"}
@@ -193,15 +192,15 @@ def test_one_caption_per_row_is_grouped_by_image(tmp_path):
 @pytest.fixture
 def hub_answers(monkeypatch):
     """The Hub's one probe request answers: these tests fake `datasets.load_dataset` as the Hub."""
-    import vlmbatch.eval_data
+    import vlmbatch.sources.hf_datasets
 
-    monkeypatch.setattr(vlmbatch.eval_data, "why_unreachable", lambda: None)
+    monkeypatch.setattr(vlmbatch.sources.hf_datasets, "why_unreachable", lambda: None)
 
 
 def test_hub_dataset_via_load_dataset(monkeypatch, hub_answers):
     calls = []
 
-    def fake_load_dataset(name, split):
+    def fake_load_dataset(name, split, streaming):
         calls.append((name, split))
         if split != "validation":
             raise ValueError(f'Unknown split "{split}". Should be one of [\'test\', \'validation\'].')
@@ -284,7 +283,7 @@ def test_vqa_hub_dataset_with_answer_dicts(monkeypatch, hub_answers):
                      "answer_id": datasets.Value("int64")}],
         "answer_type": datasets.Value("string"), "question_type": datasets.Value("string"),
         "image": datasets.Image()}))
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split, streaming: table)
     bench = load_vqa_set()
     assert (bench.source, bench.split) == ("lmms-lab/VQAv2", "validation")
     assert [item.answers for item in bench.items] == [("yes",) * 10, ("3",) * 10]
@@ -293,14 +292,14 @@ def test_vqa_hub_dataset_with_answer_dicts(monkeypatch, hub_answers):
 
 
 def test_an_unreachable_hub_says_how_to_pass_a_local_copy(monkeypatch, hub_answers):
-    def offline(name, split):
+    def offline(name, split, streaming):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(VlmbatchError) as info:
         load_caption_set("coco")
     message = str(info.value)
-    assert message.startswith("could not reach the Hub to load 'yerevann/coco-karpathy' (Couldn't reach")
+    assert message.startswith("cannot reach the Hugging Face Hub to load yerevann/coco-karpathy (Couldn't reach")
     assert "pass a local copy with --data" in message and "\n" not in message
 
 

@@ -12,11 +12,17 @@ import test_eval_data
 from rich.console import Console
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.eval_data import CaptionItem, CaptionSet, load_vqa_set
-from vlmbatch.evaluate import EvalRequest, caption_metric_families, render_report, run_eval
-from vlmbatch.metrics import spice as spice_module
-from vlmbatch.metrics.captions import score_captions
-from vlmbatch.metrics.vqa import score_vqa
+from vlmbatch.evaluation.captions_data import CaptionItem, CaptionSet
+from vlmbatch.evaluation.metrics import spice as spice_module
+from vlmbatch.evaluation.metrics.captions import score_captions
+from vlmbatch.evaluation.metrics.vqa import score_vqa
+from vlmbatch.evaluation.run import (
+    EvalRequest,
+    caption_metric_families,
+    render_report,
+    run_eval,
+)
+from vlmbatch.evaluation.vqa_data import load_vqa_set
 
 # The benchmark folders of the loader tests, as fixtures here too.
 coco_folder = test_eval_data.coco_folder

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
+import factory
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 from tokenizers import Tokenizer
-
-import factory
 
 
 def _keys(ckpt_dir) -> list[str]:

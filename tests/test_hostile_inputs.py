@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from factory import real_photos
 from typer.testing import CliRunner
 
-from factory import real_photos
 from vlmbatch.cli import app
 from vlmbatch.errors import ImageDecodeError, VlmbatchWarning
-from vlmbatch.images import load_image
 from vlmbatch.jobspec import load_job_spec
-from vlmbatch.records import ImageRecord
-from vlmbatch.sinks import output_files
-from vlmbatch.sources import open_source
+from vlmbatch.sinks.parquet_file import output_files
+from vlmbatch.sources.images import load_image
+from vlmbatch.sources.open import open_source
+from vlmbatch.sources.records import ImageRecord
 
 runner = CliRunner()
 NOT_UTF8 = b"x\xe9.jpg"  # Latin-1 'xé.jpg', as old Samba shares and zip extracts leave it
@@ -81,7 +81,7 @@ def deadline(seconds: float):
 
 # -- file names that are not UTF-8 ----------------------------------------------------------------
 def test_undecodable_bytes_are_spelled_as_escapes_and_valid_text_is_kept():
-    from vlmbatch.records import readable
+    from vlmbatch.sources.records import readable
 
     assert readable(os.fsdecode(NOT_UTF8)) == "x\\xe9.jpg"
     assert readable("xé/猫.jpg") == "xé/猫.jpg" and readable("plain.jpg") == "plain.jpg"

@@ -1,4 +1,4 @@
-"""glibc malloc kept from handing freed activations back to the kernel (vlmbatch.hostmem)."""
+"""glibc malloc kept from handing freed activations back to the kernel (vlmbatch.engine.hostmem)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from vlmbatch import engine as engine_module
-from vlmbatch import hostmem
-from vlmbatch.engine import Engine
+from vlmbatch.engine import hostmem
+from vlmbatch.engine import scheduler as engine_module
+from vlmbatch.engine.scheduler import Engine
 from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.spec import GenerationSettings
 
@@ -26,7 +26,7 @@ PAGES = (48 << 20) // 4096  # one round's block
 # freed block is a little short for the next until its neighbours have been freed too.)
 _FAULTS = """
 import json, resource, torch
-from vlmbatch.hostmem import keep_freed_memory
+from vlmbatch.engine.hostmem import keep_freed_memory
 
 def faults(rounds=12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-
 from factory import real_photos
 
 RETRY_LOOP_S = 15  # the retries alone took 23 s; a refusal comes well before
@@ -59,7 +58,7 @@ def test_eval_asks_a_hub_that_does_not_answer_once(tmp_path, silent_hub):
     endpoint, connections = silent_hub
     rc, lines, seconds = vlmbatch(tmp_path, "eval", "--dataset", "coco", HF_ENDPOINT=endpoint)
     assert rc == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: could not reach the Hub to load 'yerevann/coco-karpathy' (the Hub at "
+    assert lines[0].startswith(f"error: cannot reach the Hugging Face Hub to load yerevann/coco-karpathy (the Hub at "
                                f"{endpoint} did not answer: ")
     assert "HF_HUB_OFFLINE=1 reads a copy in the Hugging Face cache" in lines[0] and "--data" in lines[0]
     assert len(connections) == 1 and seconds < RETRY_LOOP_S
@@ -69,7 +68,7 @@ def test_eval_with_hf_hub_offline_asks_no_hub(tmp_path, silent_hub):
     endpoint, connections = silent_hub
     rc, lines, _ = vlmbatch(tmp_path, "eval", "--dataset", "coco", HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="1")
     assert rc == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("error: could not reach the Hub to load 'yerevann/coco-karpathy'")
+    assert lines[0].startswith("error: cannot reach the Hugging Face Hub to load yerevann/coco-karpathy")
     assert connections == []
 
 

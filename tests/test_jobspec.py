@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from factory import real_photos
 from typer.testing import CliRunner
 
-from factory import real_photos
 from vlmbatch.cli import app
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.jobspec import load_job_spec

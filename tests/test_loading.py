@@ -11,13 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from factory import drop_tensor, make_bin_checkpoint, make_checkpoint, real_photos
 from typer.testing import CliRunner
 
-from factory import drop_tensor, make_bin_checkpoint, make_checkpoint, real_photos
 from vlmbatch.cli import app
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.config import PaliGemmaConfig
-from vlmbatch.model.loading import canonical_name, check_weights, load_model, resolve_checkpoint
+from vlmbatch.model.loading import (
+    canonical_name,
+    check_weights,
+    load_model,
+    resolve_checkpoint,
+)
 
 
 def state(path):
@@ -97,9 +102,11 @@ def test_a_weight_file_cut_short_is_named(tmp_path, check):
         check(tmp_path)
 
 
-def test_a_sound_checkpoint_passes_the_check(make_ckpt):
+def test_a_sound_checkpoint_passes_the_check_and_counts_its_parameters(make_ckpt):
     for variant in ("pg1_tied", "pg1_untied", "pg2"):
-        check_weights(resolve_checkpoint(str(make_ckpt(variant, "transformers", image_size=28).path)))
+        ckpt = make_ckpt(variant, "transformers", image_size=28)
+        counted = check_weights(resolve_checkpoint(str(ckpt.path)))
+        assert counted == sum(p.numel() for p in ckpt.hf.parameters())  # a tied head once, as torch counts it
 
 
 def test_missing_local_model_and_offline_hub_id(tmp_path, monkeypatch):

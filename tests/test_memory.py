@@ -7,14 +7,19 @@ import math
 
 import pytest
 import torch
+from factory import real_photos
 from typer.testing import CliRunner
 
-from factory import real_photos
-from vlmbatch import memory
 from vlmbatch.cli import app
-from vlmbatch.engine import Engine, ImageWork
+from vlmbatch.engine.scheduler import Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.model.loading import check_weights, load_model, resolve_checkpoint, weight_shapes
+from vlmbatch.model import memory
+from vlmbatch.model.loading import (
+    check_weights,
+    load_model,
+    resolve_checkpoint,
+    weight_shapes,
+)
 from vlmbatch.spec import GenerationSettings
 
 GB = memory.GB

@@ -26,9 +26,13 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.metrics import spice as spice_module
-from vlmbatch.metrics.captions import SCORE_NAMES, ptb_tokenize, score_captions
-from vlmbatch.metrics.spice import (
+from vlmbatch.evaluation.metrics import spice as spice_module
+from vlmbatch.evaluation.metrics.captions import (
+    SCORE_NAMES,
+    ptb_tokenize,
+    score_captions,
+)
+from vlmbatch.evaluation.metrics.spice import (
     ADD_OPENS_PACKAGES,
     CORENLP_JARS,
     CORENLP_URLS,

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from vlmbatch.metrics.vqa import (
+from vlmbatch.evaluation.metrics.vqa import (
     VqaAnnotation,
     normalize_answer,
     process_digit_article,

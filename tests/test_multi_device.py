@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from factory import broken_images, real_photos
+
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.pipeline import Job, JobSpec, resolve_devices, run_job
 from vlmbatch.spec import GenerationSettings
@@ -71,7 +71,7 @@ def test_a_failing_worker_stops_the_run_with_one_line(tmp_path, ckpt):
 def test_a_worker_killed_by_sigkill_is_said_to_be_most_likely_out_of_memory():
     from types import SimpleNamespace
 
-    from vlmbatch.multi import _check_alive
+    from vlmbatch.engine.devices import _check_alive
 
     _check_alive([SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=0)], ["cpu", "cpu"])
     with pytest.raises(VlmbatchError, match=r"^worker on cuda:1 died \(exit code -9\) \(killed: most likely by the "

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
-
 from factory import real_photos
 from test_sinks import corrupt_a_data_page, open_sink, rows
+from typer.testing import CliRunner
+
 from vlmbatch.cli import Terminated, _sigterm_raises_terminated, app
-from vlmbatch.sinks import ParquetSink
+from vlmbatch.sinks.parquet_file import ParquetSink
 
 TERMINATED = "terminated: rows written so far are saved; run the same command to resume"
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from factory import photo_variants
 from PIL import Image, ImageOps
 
-from factory import photo_variants
-from vlmbatch import engine as engine_module
-from vlmbatch.engine import Engine, EngineStats, ImageWork
-from vlmbatch.images import load_image, resize_square
+from vlmbatch.engine import scheduler as engine_module
+from vlmbatch.engine.scheduler import Engine, EngineStats, ImageWork
 from vlmbatch.model import blocks
 from vlmbatch.model.gemma import KVCache
 from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.paligemma import NextTokens, Prompts
-from vlmbatch.processor import Processor
+from vlmbatch.model.processor import Processor
+from vlmbatch.sources.images import load_image, resize_square
 from vlmbatch.spec import GenerationSettings
 
 VARIANTS = ["pg1_tied", "pg1_untied", "pg2"]
@@ -377,7 +377,7 @@ def test_sampled_tokens_follow_the_tempered_nucleus_distribution(temperature, to
     renormalised over the top-p set (transformers' TopPLogitsWarper keeps the same set)."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from vlmbatch.generation import TokenSelector
+    from vlmbatch.engine.generation import TokenSelector
 
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, 0.9]])
     kept = TopPLogitsWarper(top_p)(None, logits / temperature) if top_p < 1 else logits / temperature

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.questions import group_by_image, load_questions
-from vlmbatch.records import Question
+from vlmbatch.sources.questions import group_by_image, load_questions
+from vlmbatch.sources.records import Question
 
 ROWS = [
     {"image": "a.png", "question": "What color?", "question_id": "007"},

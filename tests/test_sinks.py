@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlmbatch.errors import VlmbatchError, VlmbatchWarning
-from vlmbatch.sinks import SETTINGS_KEY, WRITTEN_AT_KEY, ParquetSink
+from vlmbatch.sinks.parquet_file import SETTINGS_KEY, WRITTEN_AT_KEY, ParquetSink
 
 SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("score", pa.float32())])
 SETTINGS = {
@@ -199,7 +199,7 @@ CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     import pyarrow as pa
-    from vlmbatch.sinks import ParquetSink
+    from vlmbatch.sinks.parquet_file import ParquetSink
 
     schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
     sink = ParquetSink(Path(sys.argv[1]), schema, key=("id",), settings={"model": "m"}, flush_rows=10**9)
@@ -696,7 +696,7 @@ FUZZ_CHILD = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
     import pyarrow as pa
-    from vlmbatch.sinks import ParquetSink
+    from vlmbatch.sinks.parquet_file import ParquetSink
 
     out, report = Path(sys.argv[1]), sys.argv[2]
     ops = json.load(sys.stdin)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import vlmbatch.dataset_sources
+import vlmbatch.sources.hf_datasets
 from vlmbatch.errors import ImageDecodeError, VlmbatchError
-from vlmbatch.images import load_image
-from vlmbatch.sources import open_source
+from vlmbatch.sources.images import load_image
+from vlmbatch.sources.open import open_source
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 
@@ -282,7 +282,7 @@ def test_hub_dataset_is_streamed_with_default_split(monkeypatch, images: list[Pa
         return datasets.IterableDatasetDict(splits)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr(vlmbatch.dataset_sources, "why_unreachable", lambda: None)  # the fake is the Hub
+    monkeypatch.setattr(vlmbatch.sources.hf_datasets, "why_unreachable", lambda: None)  # the fake is the Hub
     source = open_source("someone/vqa-set", id_column="question_id")
     assert calls == [("someone/vqa-set", {"streaming": True})]
     assert source.description == "Hub dataset someone/vqa-set (split test)"
@@ -307,7 +307,7 @@ def test_hub_failures_become_one_line(monkeypatch, error: Exception, message: st
         raise error
 
     monkeypatch.setattr(datasets, "load_dataset", failing_load_dataset)
-    monkeypatch.setattr(vlmbatch.dataset_sources, "why_unreachable", lambda: None)  # the fake is the Hub
+    monkeypatch.setattr(vlmbatch.sources.hf_datasets, "why_unreachable", lambda: None)  # the fake is the Hub
     with pytest.raises(VlmbatchError, match=message) as info:
         open_source("x/y")
     assert "\n" not in str(info.value)

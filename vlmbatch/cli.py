@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import signal
 import sys
 import threading
 import time
+import typing
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from vlmbatch import __version__
 from vlmbatch.errors import VlmbatchError, VlmbatchWarning
-from vlmbatch.spec import DEFAULT_CAPTION_PROMPT, DEFAULT_MODEL, DEFAULT_VQA_TEMPLATE, GenerationSettings, JobSpec
+from vlmbatch.spec import (
+    DEFAULT_CAPTION_PROMPT,
+    DEFAULT_VQA_TEMPLATE,
+    GenerationSettings,
+    JobSpec,
+)
 
 if TYPE_CHECKING:
     from vlmbatch.pipeline import Job, Summary
@@ -36,41 +51,77 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+_GEN = GenerationSettings()
+_JOB = {f.name: f.default for f in fields(JobSpec) if f.default is not MISSING}
 
 # -- shared options ---------------------------------------------------------------------------------
-# No min=/max= here: every bound lives in vlmbatch.spec, which flags, job specs and --set all meet, and
+# Every default is the spec's own (vlmbatch.spec): a flag left out and a key left out of a job spec mean
+# the same. No min=/max= here: every bound lives in vlmbatch.spec, which flags, job specs and --set all meet, and
 # whose refusal is one line (exit 2) where typer's is a usage box.
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint directory or Hugging Face Hub id.")
+ModelOpt = typer.Option(_JOB["model"], "--model", "-m", help="Checkpoint directory or Hugging Face Hub id.")
 OutOpt = typer.Option(..., "--out", "-o", help="Output Parquet file (resumed if it exists).")
-MaxNewOpt = typer.Option(32, "--max-new-tokens", help="Most tokens generated per answer.")
-BatchOpt = typer.Option(16, "--batch-size", "-b", help="Sequences decoded together (KV-cache slots).")
-BeamsOpt = typer.Option(1, "--num-beams", help="Beam search width; 1 is greedy or sampling.")
-TempOpt = typer.Option(0.0, "--temperature", help="Sampling temperature; 0 is greedy.")
-TopPOpt = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
-SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-DevicesOpt = typer.Option(None, "--devices", help="Several devices, one worker each: cuda:0,cuda:1 or all.")
-DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
-CpuMatmulOpt = typer.Option("auto", "--cpu-matmul", help="float32 on a CPU: onednn+gelu (oneDNN, applying "
+MaxNewOpt = typer.Option(_GEN.max_new_tokens, "--max-new-tokens", help="Most tokens generated per answer.")
+BatchOpt = typer.Option(_JOB["batch_size"], "--batch-size", "-b", help="Sequences decoded together (KV-cache slots).")
+BeamsOpt = typer.Option(_GEN.num_beams, "--num-beams", help="Beam search width; 1 is greedy or sampling.")
+TempOpt = typer.Option(_GEN.temperature, "--temperature", help="Sampling temperature; 0 is greedy.")
+TopPOpt = typer.Option(_GEN.top_p, "--top-p", help="Nucleus sampling threshold.")
+SeedOpt = typer.Option(_GEN.seed, "--seed", help="Random seed for sampling.")
+DeviceOpt = typer.Option(_JOB["device"], "--device", help="auto, cpu, cuda or cuda:N.")
+DevicesOpt = typer.Option(_JOB["devices"], "--devices", help="Several devices, one worker each: cuda:0,cuda:1 or all.")
+DtypeOpt = typer.Option(_JOB["dtype"], "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
+CpuMatmulOpt = typer.Option(_JOB["cpu_matmul"], "--cpu-matmul", help="float32 on a CPU: onednn+gelu (oneDNN, applying "
                             "the MLP's GELU as it writes the product), onednn (GELU after it), torch (MKL), or "
                             "auto: the fastest of the three on a quick check.")
-CudaGraphOpt = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
+CudaGraphOpt = typer.Option(_JOB["cuda_graph"], "--cuda-graph/--no-cuda-graph", help="On CUDA with greedy decoding, replay "
                             "each decode step as one captured CUDA graph; --no-cuda-graph runs it op by op.")
-LimitOpt = typer.Option(None, "--limit",
+LimitOpt = typer.Option(_JOB["limit"], "--limit",
                         help="Process at most this many new images (images tried again after an error do not count).")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Start afresh instead of resuming OUT.")
-RecoverOpt = typer.Option(False, "--recover", help="If OUT is damaged (cannot be read), move it aside to "
+OverwriteOpt = typer.Option(_JOB["overwrite"], "--overwrite", help="Start afresh instead of resuming OUT.")
+RecoverOpt = typer.Option(_JOB["recover"], "--recover", help="If OUT is damaged (cannot be read), move it aside to "
                           "OUT.corrupt-<time> and go on: rows saved in OUT.parts are kept, the rest are made again.")
-SplitOpt = typer.Option(None, "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
-ImageColOpt = typer.Option(None, "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
-IdColOpt = typer.Option(None, "--id-column", help="Dataset column holding record ids (default: 'id' if present, else an image path as written, else the row index).")
-ConfineOpt = typer.Option(False, "--confine", help="Manifests and saved datasets: read no image outside their "
+SplitOpt = typer.Option(_JOB["split"], "--split", help="Dataset split (saved DatasetDict or Hub dataset).")
+ImageColOpt = typer.Option(_JOB["image_column"], "--image-column", help="Dataset column holding images (default: the Image feature or 'image').")
+IdColOpt = typer.Option(_JOB["id_column"], "--id-column", help="Dataset column holding record ids (default: 'id' if present, else an image path as written, else the row index).")
+ConfineOpt = typer.Option(_JOB["confine"], "--confine", help="Manifests and saved datasets: read no image outside their "
                           "folder ('..', absolute paths, symlinks out): each such row is an error row instead.")
-WorkersOpt = typer.Option(None, "--workers", help="Image-decoding processes (0: decode in the main process). "
+WorkersOpt = typer.Option(_JOB["workers"], "--workers", help="Image-decoding processes (0: decode in the main process). "
                           "Default: 0 on a CPU-only run, else cores - 1 (at most 8).")
-FlushOpt = typer.Option(256, "--flush-rows", help="Rows buffered before they are saved (a crash loses at most these).")
+FlushOpt = typer.Option(_JOB["flush_rows"], "--flush-rows", help="Rows buffered before they are saved (a crash loses at most these).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+# The flags of every job command, after each command's own: JobSpec fields (or GenerationSettings ones)
+# of the same names, plus --quiet and --debug.
+_JOB_FLAGS: dict[str, tuple[object, typer.models.OptionInfo]] = {
+    "model": (str, ModelOpt), "max_new_tokens": (int, MaxNewOpt), "batch_size": (int, BatchOpt),
+    "num_beams": (int, BeamsOpt), "temperature": (float, TempOpt), "top_p": (float, TopPOpt),
+    "seed": (Optional[int], SeedOpt), "device": (str, DeviceOpt), "devices": (Optional[str], DevicesOpt),
+    "dtype": (Optional[str], DtypeOpt), "cpu_matmul": (str, CpuMatmulOpt), "cuda_graph": (bool, CudaGraphOpt),
+    "limit": (Optional[int], LimitOpt), "overwrite": (bool, OverwriteOpt), "recover": (bool, RecoverOpt),
+    "split": (Optional[str], SplitOpt), "image_column": (Optional[str], ImageColOpt),
+    "id_column": (Optional[str], IdColOpt), "confine": (bool, ConfineOpt), "workers": (Optional[int], WorkersOpt),
+    "flush_rows": (int, FlushOpt), "quiet": (bool, QuietOpt), "debug": (bool, DebugOpt),
+}
+
+
+def _job_command(task: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A job command from a function that declares only its own parameters (and the help): typer sees
+    them followed by every flag of `_JOB_FLAGS`, and the command runs `task` from all of them."""
+    def make(declared: Callable[..., None]) -> Callable[..., None]:
+        hints = typing.get_type_hints(declared)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(declared).parameters.values()]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+                  for name, (kind, option) in _JOB_FLAGS.items()]
+
+        @functools.wraps(declared)
+        def command(**flags) -> None:
+            _run_command(task, flags)
+
+        command.__signature__ = inspect.Signature([*own, *shared])
+        command.__annotations__ = {p.name: p.annotation for p in (*own, *shared)}
+        return command
+    return make
 
 
 def main() -> None:
@@ -90,20 +141,13 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
   vlmbatch caption my/dataset --split validation --image-column img --id-column key --out caps.parquet\n
 Re-running the same command resumes: over a grown folder only new images are captioned, and images
 that failed or were replaced since are captioned again.""")
+@_job_command("caption")
 def caption(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
     out: Path = OutOpt,
-    prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", help="Prompt given with every image."),
-    model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
-    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
-    dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, cuda_graph: bool = CudaGraphOpt,
-    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt, recover: bool = RecoverOpt,
-    split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
-    confine: bool = ConfineOpt,
-    workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+    prompt: str = typer.Option(_JOB["prompt"], "--prompt", help="Prompt given with every image."),
 ) -> None:
     """Caption every image of SOURCE into a Parquet file (columns id, caption, error, …)."""
-    _run_command("caption", locals())
 
 
 @app.command(epilog="""Examples:\n
@@ -111,22 +155,15 @@ def caption(
   vlmbatch vqa ./photos --question "how many people are there?" --out counts.parquet\n
 QUESTIONS is JSONL, CSV or Parquet with columns image (path relative to SOURCE, or the dataset record id),
 question and optional question_id. Each image is decoded and encoded once, whatever its number of questions.""")
+@_job_command("vqa")
 def vqa(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or manifest."),
     out: Path = OutOpt,
     questions: Optional[str] = typer.Option(None, "--questions", help="Questions file (JSONL, CSV or Parquet)."),
     question: Optional[str] = typer.Option(None, "--question", help="One question asked of every image."),
-    prompt_template: str = typer.Option(DEFAULT_VQA_TEMPLATE, "--prompt-template", help="Prompt; {question} is replaced."),
-    model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
-    temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt, devices: Optional[str] = DevicesOpt,
-    dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt, cuda_graph: bool = CudaGraphOpt,
-    limit: Optional[int] = LimitOpt, overwrite: bool = OverwriteOpt, recover: bool = RecoverOpt,
-    split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
-    confine: bool = ConfineOpt,
-    workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+    prompt_template: str = typer.Option(_JOB["prompt_template"], "--prompt-template", help="Prompt; {question} is replaced."),
 ) -> None:
     """Answer questions about the images of SOURCE into a Parquet file (id, question_id, question, answer, error, …)."""
-    _run_command("vqa", locals())
 
 
 @app.command(epilog="""Examples:\n
@@ -186,8 +223,8 @@ def eval_(
     workers: Optional[int] = WorkersOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Score captions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) or VQAv2 answers (official accuracy)."""
-    from vlmbatch.evaluate import EvalRequest, render_report, run_eval
-    from vlmbatch.metrics.spice import provision_corenlp
+    from vlmbatch.evaluation.metrics.spice import provision_corenlp
+    from vlmbatch.evaluation.run import EvalRequest, render_report, run_eval
 
     with _fatal_errors(debug):
         if provision_spice:
@@ -203,7 +240,7 @@ def eval_(
                         overwrite=overwrite, recover=recover, workers=workers, generation=generation)
 
         def generate(task, records, questions, out_path: Path) -> Path:
-            from vlmbatch.sources import Source
+            from vlmbatch.sources.records import Source
 
             default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
             spec = replace(flags, task=task, out=out_path, prompt=prompt or default_prompt,
@@ -234,7 +271,7 @@ def _run_command(task: str, flags: dict) -> None:
     with _fatal_errors(debug):
         generation = _generation(*(flags.pop(name) for name in _GENERATION_FLAGS))
         job = _job(JobSpec(task=task, generation=generation, **flags))
-        from vlmbatch.sinks import skip_pyarrows_pandas_probe
+        from vlmbatch.sinks.parquet_file import skip_pyarrows_pandas_probe
 
         skip_pyarrows_pandas_probe()  # after the source is open: a dataset source has imported pandas itself
         _run(job, quiet)
@@ -302,7 +339,7 @@ def _sigterm_raises_terminated() -> Iterator[list[int]]:
 
 def _merging_output(frame) -> bool:
     """Whether the main thread, stopped at `frame`, is inside `ParquetSink.close` (merging the output)."""
-    sinks = sys.modules.get("vlmbatch.sinks")
+    sinks = sys.modules.get("vlmbatch.sinks.parquet_file")
     close = sinks.ParquetSink.close.__code__ if sinks else None
     while close is not None and frame is not None:
         if frame.f_code is close:
@@ -348,7 +385,7 @@ def _job(spec: JobSpec, **given) -> Job:
 
 
 def _run(job: Job, quiet: bool) -> Summary:
-    from vlmbatch.engine import graphs_apply
+    from vlmbatch.engine.scheduler import graphs_apply
 
     spec = job.spec
     if not quiet:

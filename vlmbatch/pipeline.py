@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import threading
+import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +22,31 @@ import pyarrow as pa
 import torch
 
 from vlmbatch import __version__
-from vlmbatch.engine import Completion, Engine, ImageWork
+from vlmbatch.engine.devices import WorkerSpec, cpu_threads_per_worker, run_on_devices
+from vlmbatch.engine.scheduler import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
-from vlmbatch.memory import PROCESS_OVERHEAD, available_bytes, kv_cache_bytes, not_enough
-from vlmbatch.model.loading import (Checkpoint, check_weights, default_dtype, load_model, resolve_checkpoint,
-                                    weight_shapes)
-from vlmbatch.multi import WorkerSpec, cpu_threads_per_worker, run_on_devices
-from vlmbatch.processor import Processor
-from vlmbatch.questions import group_by_image, load_questions
-from vlmbatch.records import ImageRecord, Question, readable
-from vlmbatch.sinks import ParquetSink, output_files
-from vlmbatch.sources import Source, open_source
+from vlmbatch.model.loading import (
+    Checkpoint,
+    check_weights,
+    default_dtype,
+    load_model,
+    resolve_checkpoint,
+    weight_shapes,
+)
+from vlmbatch.model.memory import (
+    PROCESS_OVERHEAD,
+    available_bytes,
+    kv_cache_bytes,
+    not_enough,
+)
+from vlmbatch.model.processor import Processor
+from vlmbatch.sinks.parquet_file import ParquetSink, output_files
+from vlmbatch.sources.decode import decode_stream
+from vlmbatch.sources.open import open_source
+from vlmbatch.sources.questions import group_by_image, load_questions
+from vlmbatch.sources.records import ImageRecord, Question, Source, readable
 from vlmbatch.spec import JobSpec
-from vlmbatch.workers import decode_stream
 
 SINGLE_QUESTION_ID = "0"
 MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
@@ -278,61 +289,65 @@ class Job:
         return row
 
     def run(self, progress: ProgressFn | None = None) -> Summary:
+        """Every row this run owes, error rows included, reaches the sink here, in this thread, and only here."""
         summary = Summary(out=self.spec.out)
         started = time.monotonic()
-        lock = threading.Lock()  # with several devices, error rows are saved from the feeder thread
         with self.sink as sink:
             done, failed = sink.done_keys(), sink.failed_keys
-            pending: dict[tuple, tuple[ImageRecord, Question | None, str]] = {}
-
-            def save(rows: list[dict], errors: int = 0, tokens: int = 0) -> None:
-                with lock:
-                    summary.written += sink.write(rows)  # a failure the output already holds is not rewritten
-                    summary.errors += errors
-                    summary.generated_tokens += tokens
-                    summary.seconds = time.monotonic() - started
-                    if progress:
-                        progress(summary)
-
-            def work() -> Iterator[ImageWork]:
-                decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image,
-                                        self.config.vision.image_size, self.decode_workers)
-                for item, pixels in decoded:
-                    summary.images += 1
-                    if isinstance(pixels, str):
-                        rows = [self._row(item.record.id, q, prompt, version=item.record.version, error=pixels)
-                                for _, prompt, q in item.prompts]
-                        save(rows, errors=len(rows))
-                        continue
-                    prompts, too_long = [], []
-                    for key, prompt, q in item.prompts:
-                        ids = self.processor.prompt_ids(prompt)
-                        if len(ids) > self.max_prompt_len:
-                            error = (f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
-                                     f"(at most {MAX_PROMPT_TEXT_TOKENS})")
-                            too_long.append(self._row(item.record.id, q, prompt, version=item.record.version,
-                                                      error=error))
-                            continue
-                        pending[key] = (item.record, q, prompt)
-                        prompts.append((key, ids))
-                    if too_long:
-                        save(too_long, errors=len(too_long))
-                    if prompts:
-                        yield ImageWork(pixels, prompts)
-
-            # The model loads only once an image needs it: a rerun over an unchanged folder, or over one
-            # whose new files are all broken, loads nothing.
-            stream = work()
-            first = next(stream, None)
-            if first is not None:
-                for completion in self._generate(itertools.chain([first], stream)):
-                    save([self._completion_row(pending.pop(completion.key), completion)],
-                         tokens=len(completion.tokens))
-            leftovers = self.unmatched_question_rows(done)
-            summary.retried += sum((row["id"], row["question_id"]) in failed for row in leftovers)
-            save(leftovers, errors=len(leftovers))
+            for row in self._rows(done, failed, summary):
+                summary.written += sink.write([row])  # a failure the output already holds is not rewritten
+                summary.errors += row["error"] is not None
+                summary.generated_tokens += row["num_tokens"]
+                summary.seconds = time.monotonic() - started
+                if progress:
+                    progress(summary)
         summary.seconds = time.monotonic() - started
         return summary
+
+    def _rows(self, done: Mapping[tuple, str | None], failed: Collection[tuple], summary: Summary) -> Iterator[dict]:
+        """The rows of the images still to do, as they are made: error rows of images that could not be
+        decoded or prompted (passed on from the decoding side, which may run in the engine's feeder
+        thread, through a queue), then the rows of the engine's completions, and last the questions
+        whose image the source lacked."""
+        errors: queue.SimpleQueue[dict] = queue.SimpleQueue()
+        work = self._work(done, failed, summary, errors)
+        # The model loads only once an image needs it: a rerun over an unchanged folder, or over one whose
+        # new files are all broken, loads nothing.
+        first = next(work, None)
+        if first is not None:
+            for completion in self._generate(itertools.chain([first], work)):
+                yield from _drain(errors)
+                yield self._completion_row(completion)
+        yield from _drain(errors)
+        leftovers = self.unmatched_question_rows(done)
+        summary.retried += sum((row["id"], row["question_id"]) in failed for row in leftovers)
+        yield from leftovers
+
+    def _work(self, done: Mapping[tuple, str | None], failed: Collection[tuple], summary: Summary,
+              errors: queue.SimpleQueue) -> Iterator[ImageWork]:
+        """Decoded images with their prompts for the engine, each carrying (as its context) the rows its
+        completions complete; what cannot go to the engine becomes an error row on `errors`."""
+        decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image,
+                                self.config.vision.image_size, self.decode_workers)
+        for item, pixels in decoded:
+            summary.images += 1
+            record = item.record
+            if isinstance(pixels, str):
+                for _, prompt, q in item.prompts:
+                    errors.put(self._row(record.id, q, prompt, version=record.version, error=pixels))
+                continue
+            prompts, rows = [], {}
+            for key, prompt, q in item.prompts:
+                ids = self.processor.prompt_ids(prompt)
+                if len(ids) > self.max_prompt_len:
+                    error = (f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
+                             f"(at most {MAX_PROMPT_TEXT_TOKENS})")
+                    errors.put(self._row(record.id, q, prompt, version=record.version, error=error))
+                    continue
+                prompts.append((key, ids))
+                rows[key] = self._row(record.id, q, prompt, version=record.version)
+            if prompts:
+                yield ImageWork(pixels, prompts, context=rows)
 
     @property
     def decode_workers(self) -> int:
@@ -354,11 +369,18 @@ class Job:
                             cuda_graph=spec.cuda_graph)
         return run_on_devices(work, self.devices, worker)
 
-    def _completion_row(self, origin: tuple[ImageRecord, Question | None, str], completion: Completion) -> dict:
-        record, question, prompt = origin
-        return self._row(record.id, question, prompt, version=record.version,
-                         text=self.processor.decode(completion.tokens), num_tokens=len(completion.tokens),
-                         finish_reason=completion.finish_reason)
+    def _completion_row(self, completion: Completion) -> dict:
+        """The row its image's work left for this completion, filled in."""
+        return {**completion.context[completion.key], self.spec.answer_column: self.processor.decode(completion.tokens),
+                "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
+
+
+def _drain(rows: queue.SimpleQueue) -> Iterator[dict]:
+    while True:
+        try:
+            yield rows.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _replaced(done_version: str | None, version: str | None) -> bool:

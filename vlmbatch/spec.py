@@ -20,6 +20,7 @@ DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 DEFAULT_CAPTION_PROMPT = "caption en"
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
 TASKS = ("caption", "vqa")
+DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a kill can cost)
 
 # The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
 AT_LEAST = {"max_new_tokens": 1, "num_beams": 1, "temperature": 0, "batch_size": 1, "limit": 1, "flush_rows": 1,
@@ -171,7 +172,7 @@ class JobSpec:
     limit: int | None = None  # at most this many new images this run
     overwrite: bool = False
     workers: int | None = None  # decode processes; 0 decodes in the main process; None: see default_workers
-    flush_rows: int = 256  # rows buffered before a part file is written (what a kill can cost)
+    flush_rows: int = DEFAULT_FLUSH_ROWS
     confine: bool = False  # datasets and manifests: image paths outside their folder become error rows
     recover: bool = False  # an unreadable OUT is moved aside (OUT.corrupt-<time>), not refused; parts are kept
 

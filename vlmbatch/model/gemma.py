@@ -1,22 +1,12 @@
 """Gemma and Gemma 2 decoders with a slot-addressed KV cache.
 
-The cache holds a fixed number of rows ("slots"); each sequence owns one row and stores its token at
-column `position - 1`, so a row is always compact: columns [0, length) are valid. One extra column at
-the end takes the writes of rows that are in a decode batch but hold no live sequence.
-
-A forward pass (`Step`) runs on a flat list of tokens, made of one or both of two parts:
-
-- prefill: a batch of whole prompts written into columns [0, T) of their rows. A PaliGemma prompt
-  (image tokens, <bos>, text, "\n") is entirely prefix, and prefix tokens attend to each other both
-  ways, so prefill attention is bidirectional over each row's real tokens; right padding is masked.
-- decode: one new token for each of rows 0..n-1, written at column `length`, attending causally to
-  the row's columns, within the sliding window on Gemma 2's local layers.
-
-Everything but attention works token by token, so a step with both parts multiplies each weight
-matrix once for all its tokens: decode tokens ride along with a prefill instead of paying for a
-pass over the weights of their own.
-
-Positions are 1-indexed, as in the reference implementation.
+Each sequence owns one cache row ("slot") and stores its token at column `position - 1` (positions are
+1-indexed, as in the reference), so a row is always compact; one spare column takes the writes of rows
+in a decode batch that hold no live sequence. A forward pass (`Step`) runs a flat list of tokens made of
+a prefill (whole prompts, bidirectional over each row's real tokens: a PaliGemma prompt is all prefix)
+and/or a decode part (one token per row, causal, within the sliding window on Gemma 2's local layers).
+Everything but attention is token-wise, so decode tokens riding along with a prefill share its matrix
+products instead of paying a pass over the weights of their own.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ from safetensors import SafetensorError, safe_open
 
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.hub import why_unreachable
-from vlmbatch.memory import available_bytes, total_gb
 from vlmbatch.model.blocks import choose_cpu_matmul, use_onednn
 from vlmbatch.model.config import PaliGemmaConfig
 from vlmbatch.model.gemma import RotaryEmbedding
+from vlmbatch.model.memory import available_bytes, total_gb
 from vlmbatch.model.paligemma import PaliGemma
 
 # Most specific prefix first: the first rule that matches a name renames it.
@@ -114,7 +114,11 @@ def resolve_checkpoint(model: str) -> Checkpoint:
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     unreachable = why_unreachable()  # if so, the cache alone, at once, instead of the library's retry loop
     try:

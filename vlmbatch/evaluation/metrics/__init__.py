@@ -1,14 +1,26 @@
 """Reference-exact benchmark metrics: caption scores via pycocoevalcap's scorers, VQA by the official rule."""
 
-from vlmbatch.metrics.captions import CAPTION_METRICS, SCORE_NAMES, CaptionScores, ptb_tokenize, score_captions
-from vlmbatch.metrics.spice import (
+from vlmbatch.evaluation.metrics.captions import (
+    CAPTION_METRICS,
+    SCORE_NAMES,
+    CaptionScores,
+    ptb_tokenize,
+    score_captions,
+)
+from vlmbatch.evaluation.metrics.spice import (
     SpiceResult,
     SpiceRunner,
     SpiceUnavailable,
     find_corenlp_jars,
     provision_corenlp,
 )
-from vlmbatch.metrics.vqa import VqaAnnotation, VqaScores, normalize_answer, question_accuracy, score_vqa
+from vlmbatch.evaluation.metrics.vqa import (
+    VqaAnnotation,
+    VqaScores,
+    normalize_answer,
+    question_accuracy,
+    score_vqa,
+)
 
 __all__ = [
     "CAPTION_METRICS",

@@ -1,16 +1,11 @@
 """The inference engine: vision tower once per image, then continuous batching over a KV cache.
 
-The cache has a fixed number of slots. Requests wait in a bounded window; whenever enough slots are
-free, the oldest waiting request and those closest to it in prompt length are prefilled together into
-the lowest free slots (so padding stays small). Every step decodes one token for all live slots; a
-finished sequence frees its slot at once, so short captions never wait for long ones. On a CPU the
-decode tokens of a step that also prefills go through the same forward pass (`PaliGemma.step`).
-
-On CUDA a decode step has fixed shapes (every slot, the whole cache width) and reads and writes only
-tensors that live as long as the run, with no host sync, so it is captured once as a CUDA graph and
-replayed: one launch per generated token for all slots, forward pass and bookkeeping included.
-
-Beam search couples beams, so with num_beams > 1 the engine runs length-bucketed static batches
+The cache has a fixed number of slots. Whenever enough slots are free, the oldest waiting request and
+those closest to it in prompt length are prefilled together (so padding stays small); every step decodes
+one token for all live slots, and a finished sequence frees its slot at once, so short captions never
+wait for long ones. On a CPU a step that prefills also carries the running sequences' next tokens. On
+CUDA a decode step has fixed shapes and no host sync, so it is captured once as a CUDA graph and
+replayed. Beam search couples beams: with num_beams > 1 the engine runs length-bucketed static batches
 through `generation.beam_search` instead.
 """
 
@@ -19,16 +14,16 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from vlmbatch.generation import TokenSelector, beam_search, finish, stream_id
-from vlmbatch.hostmem import keep_freed_memory
-from vlmbatch.memory import check_fits, kv_cache_bytes
+from vlmbatch.engine.generation import TokenSelector, beam_search, finish, stream_id
+from vlmbatch.engine.hostmem import keep_freed_memory
+from vlmbatch.model.memory import check_fits, kv_cache_bytes
 from vlmbatch.model.paligemma import NextTokens, PaliGemma, Prompts
-from vlmbatch.processor import Processor
+from vlmbatch.model.processor import Processor
 from vlmbatch.spec import GenerationSettings
 
 
@@ -38,6 +33,7 @@ class ImageWork:
 
     pixels: np.ndarray
     prompts: Sequence[tuple[Hashable, list[int]]]
+    context: Any = None  # the caller's, handed back on each of its completions (what their rows need)
 
 
 @dataclass
@@ -45,6 +41,7 @@ class Completion:
     key: Hashable
     tokens: list[int]  # generated ids, without the final <eos>
     finish_reason: str  # "eos" | "length"
+    context: Any = None  # its ImageWork's
 
 
 @dataclass
@@ -52,6 +49,7 @@ class _Request:
     key: Hashable
     ids: list[int]
     features: torch.Tensor  # [num_image_tokens, hidden], shared by the questions of one image
+    context: Any = None
 
 
 @dataclass
@@ -173,7 +171,7 @@ class Engine:
                     if len(ids) > self.max_prompt_len:
                         raise ValueError(f"prompt of {len(ids)} tokens exceeds max_prompt_len {self.max_prompt_len}")
                     self.stats.requests += 1
-                    yield _Request(key, ids, feats)
+                    yield _Request(key, ids, feats, w.context)
 
     def _fill(self, waiting: deque, requests: Iterator[_Request]) -> bool:
         """Top up the waiting window; False once the input is exhausted."""
@@ -211,7 +209,7 @@ class Engine:
         cache = self.model.allocate_cache(s, width)
         st = _Slots.allocate(s, steps, self.pad, dev)
         decode_all = self._static_decode(cache, st)
-        owner: dict[int, Hashable] = {}  # occupied slot → request key (live, or finished and not yet reaped)
+        owner: dict[int, _Request] = {}  # occupied slot → its request (live, or finished and not yet reaped)
         waiting: deque[_Request] = deque()
         more = True
         since_sync = 0
@@ -258,10 +256,10 @@ class Engine:
             st.token[rows], st.col[rows], st.count[rows], st.stream[rows] = first, lengths, 1, streams
             st.out[rows, 0] = first
             st.done[rows] = (first == self.eos) | (steps == 1)
-            owner.update({int(r): req.key for r, req in zip(rows.tolist(), group)})
+            owner.update(zip(rows.tolist(), group))
             since_sync = self.sync_every  # look at the new rows before the next step
 
-    def _next_tokens(self, st: _Slots, cache, owner: dict[int, Hashable] | None) -> tuple[NextTokens, torch.Tensor]:
+    def _next_tokens(self, st: _Slots, cache, owner: dict[int, _Request] | None) -> tuple[NextTokens, torch.Tensor]:
         """A step's decode part and which of its rows are live: with static shapes every slot over the
         whole cache width, else only rows up to the highest occupied slot and columns up to the longest
         of them (`owner`: the occupied slots). Rows without a live sequence (free, finished, or being
@@ -308,10 +306,10 @@ class Engine:
 
         return replayed
 
-    def _completion(self, key: Hashable, tokens: list[int]) -> Completion:
+    def _completion(self, request: _Request, tokens: list[int]) -> Completion:
         tokens, reason = finish(tokens, self.eos)
         self.stats.generated_tokens += len(tokens)
-        return Completion(key, tokens, reason)
+        return Completion(request.key, tokens, reason, request.context)
 
     # -- beam search: static, length-bucketed batches ----------------------------------------------
     def _run_beams(self, requests: Iterator[_Request]) -> Iterator[Completion]:
@@ -327,4 +325,4 @@ class Engine:
             results = beam_search(self.model, ids, lengths, features, self.settings, self.eos)
             for request, result in zip(group, results):
                 self.stats.generated_tokens += len(result.tokens)
-                yield Completion(request.key, result.tokens, result.finish_reason)
+                yield Completion(request.key, result.tokens, result.finish_reason, request.context)

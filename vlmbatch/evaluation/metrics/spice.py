@@ -1,18 +1,10 @@
-"""SPICE through pycocoevalcap's `spice-1.0.jar`, made to run where pycocoevalcap's own wrapper does not.
-
-pycocoevalcap's `Spice` fails on today's machines for four separate reasons, each handled here:
-
-* It downloads Stanford CoreNLP 3.6.0 from a URL that is gone. The same two jars are on Maven Central
-  (`edu.stanford.nlp:stanford-corenlp:3.6.0`, plain and `models`); `provision_corenlp` fetches them into a
-  cache directory and `find_corenlp_jars` looks for them there, in `$VLMBATCH_CORENLP_DIR` and in
-  pycocoevalcap's `spice/lib`.
-* It writes its input, output and parse cache inside its install directory, which may be read-only. Here
-  they live in a temporary directory, and the parse cache only where the caller asks for one.
-* `spice-1.0.jar` finds CoreNLP through its manifest's `Class-Path: lib/...`. We pass an explicit class path
-  and name the main class instead, so the jars can live anywhere.
-* The jar pretty-prints its output with the JDK's JavaScript engine, which Java 15 removed; on Java 15+ the
-  standalone Nashorn engine (also on Maven Central) is added to the class path. And the parse cache's
-  serializer needs `--add-opens` for several `java.base` packages on Java 9+.
+"""SPICE through pycocoevalcap's `spice-1.0.jar`, made to run where pycocoevalcap's own wrapper does not:
+- its CoreNLP 3.6.0 download URL is gone: `provision_corenlp` fetches the same jars from Maven Central into
+  a cache, and `find_corenlp_jars` looks there, in `$VLMBATCH_CORENLP_DIR` and in `spice/lib`;
+- it writes inside its install folder, which may be read-only: here a temporary folder is used;
+- the jar finds CoreNLP through its manifest's class path: an explicit class path is passed instead;
+- Java 15 removed the JavaScript engine the jar prints with: the standalone Nashorn is added, and the
+  parse cache's serializer gets the `--add-opens` it needs on Java 9+.
 """
 
 from __future__ import annotations

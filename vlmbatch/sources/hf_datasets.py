@@ -19,20 +19,29 @@ from huggingface_hub.errors import GatedRepoError
 
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.hub import why_unreachable
-from vlmbatch.records import ImageRecord, ImageRef, Unreadable, file_version, normalize_image_key
-from vlmbatch.sources import DEFAULT_ID_COLUMN, DEFAULT_IMAGE_COLUMN, DEFAULT_SPLIT, MANIFEST_BUILDERS, Columns, Source
+from vlmbatch.sources.records import (
+    DEFAULT_ID_COLUMN,
+    DEFAULT_IMAGE_COLUMN,
+    DEFAULT_SPLIT,
+    MANIFEST_BUILDERS,
+    Columns,
+    ImageRecord,
+    ImageRef,
+    Source,
+    Unreadable,
+    file_version,
+    normalize_image_key,
+)
 
 # What reading a dataset can raise when the data (not our code) is at fault.
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetsError)
 
 AnyDataset = datasets.Dataset | datasets.IterableDataset
+NO_HUB_HINT = "use a local path, or set HF_HUB_OFFLINE=1 if the dataset is cached"
 
 
 def open_saved_dataset(path: Path, split: str | None, columns: Columns, confine: bool = False) -> Source:
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except _READ_ERRORS as exc:
-        raise VlmbatchError(f"cannot load saved dataset {path}: {_one_line(exc)}") from exc
+    loaded = load_saved(path)
     description = f"dataset {path}"
     if isinstance(loaded, datasets.DatasetDict):
         chosen = _pick_split(loaded, split, description)
@@ -62,7 +71,7 @@ def open_manifest(files: list[Path], columns: Columns, description: str, confine
 
 def open_hub(name: str, split: str | None, columns: Columns, confine: bool = False) -> Source:
     """Stream a Hub dataset; nothing is downloaded up front beyond the file listing."""
-    splits = _load_hub_dataset(name)
+    splits = load_hub(name, streaming=True)
     chosen = _pick_split(splits, split, f"Hub dataset {name}")
     dataset = splits[chosen]
     split_info = (dataset.info.splits or {}).get(chosen)
@@ -72,30 +81,43 @@ def open_hub(name: str, split: str | None, columns: Columns, confine: bool = Fal
                            confine="Hub dataset" if confine else None)
 
 
-def _load_hub_dataset(name: str) -> Mapping[str, datasets.IterableDataset]:
-    """`load_dataset(name, streaming=True)` with its many failure modes turned into one clear line."""
+# --- the one way into `datasets`, for jobs and the evaluation alike ----------------------------------------
+
+
+def load_saved(path: Path) -> datasets.Dataset | datasets.DatasetDict:
+    """`load_from_disk` of a `save_to_disk` folder, its failure as one line."""
+    try:
+        return datasets.load_from_disk(str(path))
+    except _READ_ERRORS as exc:
+        raise VlmbatchError(f"cannot load saved dataset {path}: {_one_line(exc)}") from exc
+
+
+def load_hub(name: str, *, split: str | None = None, streaming: bool, instead: str = NO_HUB_HINT) -> Any:
+    """`datasets.load_dataset(name, split=split, streaming=streaming)` after one short probe of the Hub
+    (`vlmbatch.hub`), each of its failure modes as one line; `instead` says what to do without the Hub.
+    An unknown split stays a ValueError, for the caller that knows other names of it."""
     unreachable = why_unreachable()
     if unreachable:
-        raise VlmbatchError(f"cannot reach the Hugging Face Hub to load {name} ({unreachable}); "
-                            "use a local path, or set HF_HUB_OFFLINE=1 if the dataset is cached")
+        raise _no_hub(name, unreachable, instead)
     try:
-        return datasets.load_dataset(name, streaming=True)
+        return datasets.load_dataset(name, streaming=streaming, **({} if split is None else {"split": split}))
     except GatedRepoError as exc:
-        raise VlmbatchError(
-            f"Hub dataset {name} is gated: accept its terms on huggingface.co and set HF_TOKEN"
-        ) from exc
-    except datasets.exceptions.DatasetNotFoundError as exc:
-        raise VlmbatchError(
-            f"source not found: {name} is neither a local path nor an accessible Hub dataset "
-            "(check the name; private or gated datasets need HF_TOKEN)"
-        ) from exc
+        raise VlmbatchError(f"Hub dataset {name} is gated: accept its terms on huggingface.co and set HF_TOKEN") from exc
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as exc:
+        raise VlmbatchError(f"source not found: {name} is neither a local path nor an accessible Hub dataset "
+                            "(check the name; private or gated datasets need HF_TOKEN)") from exc
     except ConnectionError as exc:
-        raise VlmbatchError(
-            f"cannot reach the Hugging Face Hub to load {name} (offline?); "
-            "use a local path, or set HF_HUB_OFFLINE=1 if the dataset is cached"
-        ) from exc
+        raise _no_hub(name, _one_line(exc), instead) from exc
+    except ValueError as exc:
+        if split is not None:
+            raise  # most likely an unknown split
+        raise VlmbatchError(f"cannot load Hub dataset {name}: {_one_line(exc)}") from exc
     except Exception as exc:  # the Hub stack raises many types; the user needs one line, not a traceback
         raise VlmbatchError(f"cannot load Hub dataset {name}: {_one_line(exc)}") from exc
+
+
+def _no_hub(name: str, why: str, instead: str) -> VlmbatchError:
+    return VlmbatchError(f"cannot reach the Hugging Face Hub to load {name} ({why}); {instead}")
 
 
 def _pick_split(splits: Mapping[str, Any], split: str | None, where: str) -> str:

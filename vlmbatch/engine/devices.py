@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from vlmbatch.engine import Completion, Engine, ImageWork
+from vlmbatch.engine.scheduler import Completion, Engine, ImageWork
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.loading import Checkpoint, load_model
 from vlmbatch.spec import GenerationSettings

@@ -1,15 +1,11 @@
-"""Where images come from: an image folder, one image file, a manifest, a saved dataset or a Hub dataset.
+"""Where images come from: `open_source` decides what the user's SOURCE means and returns a lazy `Source`.
 
-`open_source` decides what the user's SOURCE argument means and returns a lazy `Source`. Nothing is
-decoded and nothing is loaded whole: folders are walked as they are iterated, manifests and Hub datasets
-are streamed, and saved datasets are memory-mapped, so a million-image source costs the same to open as
-a ten-image one. Images travel as paths or bytes; the processor workers decode them.
-
-Resolution order:
-1. an existing file: an image (by extension) is one record; a .parquet/.jsonl/.json/.csv file is a manifest;
-2. an existing folder: a `save_to_disk` dataset (or DatasetDict) if it has the marker files; a manifest
-   folder if its own files are data files and not images; otherwise an image folder, walked recursively;
-3. a `user/name` string that is not a local path: a Hugging Face Hub dataset, streamed.
+Nothing is decoded or loaded whole (folders are walked as they are iterated, manifests and Hub datasets
+streamed, saved datasets memory-mapped), so a million-image source costs the same to open as ten images.
+Resolution: an existing file is an image (by extension) or a .parquet/.jsonl/.json/.csv manifest; an
+existing folder is a `save_to_disk` dataset (marker files), a manifest folder (data files and no images
+beside them) or an image folder, walked recursively; an `owner/name` that is no local path is a Hub
+dataset, streamed.
 """
 
 from __future__ import annotations
@@ -17,57 +13,23 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from vlmbatch.errors import VlmbatchError, VlmbatchWarning
-from vlmbatch.images import IMAGE_EXTENSIONS
-from vlmbatch.records import ImageRecord, file_version, readable
-
-# Single-file manifests, by extension, and the `datasets` builder that streams them.
-MANIFEST_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-# Data files that make a folder a manifest folder. `.json` is left out: folders of images often hold
-# unrelated JSON (configs, annotations) that is not a table of images.
-FOLDER_DATA_EXTENSIONS = frozenset({".parquet", ".jsonl", ".csv"})
-# Files whose presence marks a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
-SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
-# The split used when a dataset has several and none is asked for: evaluation runs want held-out data.
-DEFAULT_SPLIT = "test"
-DEFAULT_IMAGE_COLUMN = "image"
-DEFAULT_ID_COLUMN = "id"  # used when present and no --id-column is given
+from vlmbatch.sources.images import IMAGE_EXTENSIONS
+from vlmbatch.sources.records import (
+    FOLDER_DATA_EXTENSIONS,
+    MANIFEST_BUILDERS,
+    SAVED_DATASET_MARKERS,
+    Columns,
+    ImageRecord,
+    Source,
+    file_version,
+    readable,
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class Source:
-    """A lazy, re-iterable collection of `ImageRecord`s.
-
-    `size` is the number of records when it is known without reading them (saved datasets, Parquet
-    manifests, Hub splits with published sizes), for a progress bar; otherwise None.
-    `unique_ids` is True where no id can come twice (a folder's relative paths, one file), so a run
-    need not remember the ids it has seen to skip repeats.
-    `count`, where `size` is None, counts the records by a pass much cheaper than reading them (a
-    folder's listing), for a progress bar that wants a total; called only by those that do.
-    """
-
-    description: str
-    size: int | None
-    records: Callable[[], Iterator[ImageRecord]] = field(repr=False)  # a fresh iterator per call
-    unique_ids: bool = False
-    count: Callable[[], int] | None = field(default=None, repr=False)
-
-    def __iter__(self) -> Iterator[ImageRecord]:
-        return self.records()
-
-
-@dataclass(frozen=True)
-class Columns:
-    """The user's --image-column / --id-column choices (None: use the default)."""
-
-    image: str | None
-    id: str | None
 
 
 def open_source(
@@ -95,7 +57,7 @@ def open_source(
     if path.is_dir():
         return _open_folder(path.absolute(), split, columns, confine, _excluded_paths(exclude))
     if _HUB_ID.match(source):
-        from vlmbatch.dataset_sources import open_hub
+        from vlmbatch.sources.hf_datasets import open_hub
 
         return open_hub(source, split, columns, confine)
     raise VlmbatchError(f"source not found: {source}")
@@ -119,7 +81,7 @@ def _open_file(path: Path, columns: Columns, confine: bool) -> Source:
     if suffix in MANIFEST_BUILDERS and not path.is_file():
         raise VlmbatchError(f"manifest {path} is not a regular file")  # reading a FIFO would wait for a writer
     if suffix in MANIFEST_BUILDERS:
-        from vlmbatch.dataset_sources import open_manifest
+        from vlmbatch.sources.hf_datasets import open_manifest
 
         return open_manifest([path], columns, description=f"manifest {path}", confine=confine)
     raise VlmbatchError(
@@ -131,12 +93,12 @@ def _open_file(path: Path, columns: Columns, confine: bool) -> Source:
 def _open_folder(path: Path, split: str | None, columns: Columns, confine: bool, exclude: frozenset[str]) -> Source:
     # Datasets are imported only for dataset sources: `datasets` takes most of a second to import.
     if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
-        from vlmbatch.dataset_sources import open_saved_dataset
+        from vlmbatch.sources.hf_datasets import open_saved_dataset
 
         return open_saved_dataset(path, split, columns, confine)
     data_files = _manifest_files(path, exclude)
     if data_files:
-        from vlmbatch.dataset_sources import open_manifest
+        from vlmbatch.sources.hf_datasets import open_manifest
 
         return open_manifest(data_files, columns, description=f"manifest folder {path}", confine=confine)
     return _open_image_folder(path, exclude)

@@ -17,7 +17,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.records import Question, normalize_image_key
+from vlmbatch.sources.records import Question, normalize_image_key
 
 REQUIRED_COLUMNS = ("image", "question")
 QUESTION_FILE_EXTENSIONS = (".jsonl", ".csv", ".parquet")

@@ -9,31 +9,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Protocol
+from typing import Any, BinaryIO, Callable, Iterable, Literal, Protocol
 
 from rich.console import Console
 from rich.table import Table
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.eval_data import (
-    CAPTION_DATASETS,
-    VQA_DATASETS,
-    CaptionSet,
-    Predictions,
-    VqaSet,
-    load_caption_predictions,
-    load_caption_set,
-    load_vqa_predictions,
-    load_vqa_set,
+from vlmbatch.evaluation.benchmarks import CAPTION_DATASETS, VQA_DATASETS
+from vlmbatch.evaluation.captions_data import CaptionSet, load_caption_set
+from vlmbatch.evaluation.metrics.captions import (
+    CAPTION_METRICS,
+    CaptionScores,
+    score_captions,
 )
-from vlmbatch.metrics.captions import CAPTION_METRICS, CaptionScores, score_captions
-from vlmbatch.metrics.spice import SpiceRunner
-from vlmbatch.metrics.vqa import VqaScores, score_vqa
-from vlmbatch.records import ImageRecord, Question
+from vlmbatch.evaluation.metrics.spice import SpiceRunner
+from vlmbatch.evaluation.metrics.vqa import VqaScores, score_vqa
+from vlmbatch.evaluation.predictions import (
+    Predictions,
+    load_caption_predictions,
+    load_vqa_predictions,
+)
+from vlmbatch.evaluation.vqa_data import VqaSet, load_vqa_set
+from vlmbatch.sinks.atomic import output_errors, write_atomically
+from vlmbatch.sources.records import ImageRecord, Question
 
 Task = Literal["caption", "vqa"]
 DATASETS = (*CAPTION_DATASETS, *VQA_DATASETS)
@@ -211,32 +211,22 @@ def _vqa_rows(scores: VqaScores, bench: VqaSet) -> dict[str, list[Any]]:
             "question_type": [item.question_type for item in items]}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temp file in the same folder, so a reader never sees half a file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            write(Path(temp))
-            os.replace(temp, path)
-        finally:
-            if os.path.exists(temp):
-                os.remove(temp)
-    except OSError as exc:
-        raise VlmbatchError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def write_scores_json(path: Path, report: EvalReport) -> None:
     text = json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=True) + "\n"
-    _atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+    _write_report(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def write_per_item(path: Path, columns: dict[str, list[Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _atomic_write(path, lambda temp: pq.write_table(pa.table(columns), temp))
+    _write_report(path, lambda file: pq.write_table(pa.table(columns), file))
+
+
+def _write_report(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, write)
 
 
 # --- Entry points -------------------------------------------------------------------------------------

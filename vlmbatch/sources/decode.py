@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from vlmbatch.errors import ImageDecodeError
-from vlmbatch.images import load_resized
-from vlmbatch.records import ImageRef
+from vlmbatch.sources.images import load_resized
+from vlmbatch.sources.records import ImageRef
 
 T = TypeVar("T")
 

@@ -1,16 +1,10 @@
 """Caption metrics with pycocoevalcap's own scorers, reference-exact, run faster and from any install.
 
 `score_captions` gives the numbers `COCOEvalCap.evaluate()` gives (BLEU-1..4, METEOR, ROUGE-L, CIDEr,
-SPICE, named and scaled as pycocoevalcap names and scales them), computed by the same scorer classes on
-the same PTB-tokenized text. What differs is only how they are driven:
-
-* Tokenization is one Java call over references and predictions together (COCOEvalCap makes two), with the
-  same jar and flags as `PTBTokenizer.tokenize`, but its temp file in a writable temp folder rather than
-  inside the (possibly read-only) pycocoevalcap install.
-* METEOR's JVM is started before tokenization, and METEOR (and SPICE) run in a thread while BLEU, ROUGE-L
-  and CIDEr run in Python: the Java scorers wait on a subprocess, so they overlap with the Python ones.
-* SPICE goes through `SpiceRunner`, which finds CoreNLP wherever it was provisioned; when it cannot run
-  or fails, SPICE is reported as skipped with the reason instead of failing the whole evaluation.
+SPICE), computed by the same scorer classes on the same PTB-tokenized text; only the driving differs:
+one Java tokenizer call for references and predictions together, with its temp file outside the
+(possibly read-only) install; METEOR's JVM started first and the Java scorers run in a thread beside the
+Python ones; SPICE through `SpiceRunner`, reported as skipped with its reason when it cannot run.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.metrics.spice import SpiceRunner, SpiceUnavailable
+from vlmbatch.evaluation.metrics.spice import SpiceRunner, SpiceUnavailable
 
 #: Metric families a caller can ask for, as pycocoevalcap's scorers call themselves ("Bleu" is four scores).
 CAPTION_METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")

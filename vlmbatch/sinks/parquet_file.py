@@ -1,62 +1,22 @@
 """Resumable, crash-safe Parquet output.
 
-Scheduled jobs re-run the same command until the collection is done, so the output must survive a
-crash, SIGKILL or Ctrl-C at any instant without losing or duplicating a row that was flushed.
-
-How, for an output OUT:
-
-* Rows are buffered, then flushed as small part files `OUT.parts/part-NNNNNN.parquet`. Each part is
-  written under a temporary name, fsynced and hard-linked into place under the first free number (then
-  the folder is fsynced), so a part file either exists complete or does not exist, and never replaces
-  another part.
-* `close()` merges OUT (if any) and the parts into a temporary file, streaming record batches, fsyncs it,
-  `os.replace`s it onto OUT, fsyncs the folder, and only then deletes the parts.
-* Temporary names carry the writer's pid and a random token, so two writers never share one.
-* Merging keeps each key's latest row. A caller writes a key again only when it decides the row is
-  out of date: the job does for a failed row (`failure_column` set: an image that could not be
-  decoded, perhaps caught half copied) and for a row of an image replaced since (`version_column`
-  differs). OUT never holds a key twice (it is only ever produced by a merge), so only keys that parts
-  hold need deciding: an OUT row is dropped when a part holds its key, and a part row when a later
-  part row has its key. This makes every crash state recoverable:
-    - crash while parts are being written: finished parts are kept, the temporary file is deleted on
-      the next open (under the lock, and only if no live process of that pid could still be writing it);
-    - crash while merging, before the replace: OUT is the old file, all parts remain; the next close
-      merges them again;
-    - crash after the replace, while deleting parts: OUT already holds the parts' rows; the next close
-      merges the same rows again.
-  Memory during the merge is bounded by the parts' keys, not by the size of OUT.
-* An exclusive lock file (`OUT.lock`, flock-based, released by the kernel if the process dies) stops
-  two runs from writing the same output at once. Deleting it by hand while a run holds it lets a second
-  run in: the first finds its lock file gone or replaced at its next flush or before it would replace
-  OUT, and stops there with an error, its parts kept for the next run to merge.
-* Every page carries a CRC32 checksum, verified whenever a page is read. Opening reads OUT and every
-  part whole, so damage behind an intact footer is found before any work,
-  not at the final merge. A damaged OUT is refused unless `recover` is given, which moves it aside
-  (`OUT.corrupt-<time>`) and goes on: rows in the parts are kept, the rest are made again. A damaged
-  part is always moved aside (`part-NNNNNN.parquet.corrupt-<time>`, in OUT.parts), its rows made
-  again. Each is said in one `VlmbatchWarning`. A file in OUT.parts named `part-*.parquet` but not as
-  parts are named is no part: it is left alone, with a warning.
-* File metadata carries `vlmbatch.settings` (JSON) plus the caller's metadata and `vlmbatch.written_at`.
-  Reopening an output written with other settings or another schema is refused, so one file never
-  mixes results of different runs. The one schema change accepted is an output written before a
-  nullable column was added: its rows read as null there.
+Scheduled jobs re-run the same command until the collection is done, so the output must survive a crash,
+SIGKILL, Ctrl-C or SIGTERM at any instant without losing or duplicating a row that was flushed, and must
+refuse to mix the rows of runs with other settings. `ParquetSink` says how.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import glob
 import itertools
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -66,6 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmbatch.errors import VlmbatchError, VlmbatchWarning
+from vlmbatch.sinks.atomic import (
+    fsync_directory,
+    link_new,
+    output_errors,
+    temporary_path,
+    write_atomically,
+    write_durably,
+)
+from vlmbatch.spec import DEFAULT_FLUSH_ROWS
 
 SETTINGS_KEY = "vlmbatch.settings"
 WRITTEN_AT_KEY = "vlmbatch.written_at"
@@ -118,7 +87,44 @@ def output_files(out: str | os.PathLike) -> tuple[Path, Path, Path]:
 
 
 class ParquetSink:
-    """Append rows to the Parquet file `path`, resumably; see the module docstring for the guarantees.
+    """Append rows to the Parquet file `path`, resumably.
+
+    How, for an output OUT:
+
+    * Rows are buffered, then flushed as small part files `OUT.parts/part-NNNNNN.parquet`. Each part is
+      written under a temporary name, fsynced and hard-linked into place under the first free number (then
+      the folder is fsynced), so a part file either exists complete or does not exist, and never replaces
+      another part.
+    * `close()` merges OUT (if any) and the parts into a temporary file, streaming record batches, fsyncs it,
+      `os.replace`s it onto OUT, fsyncs the folder, and only then deletes the parts.
+    * Temporary names carry the writer's pid and a random token, so two writers never share one.
+    * Merging keeps each key's latest row. A caller writes a key again only when it decides the row is
+      out of date: the job does for a failed row (`failure_column` set: an image that could not be
+      decoded, perhaps caught half copied) and for a row of an image replaced since (`version_column`
+      differs). OUT never holds a key twice (it is only ever produced by a merge), so only keys that parts
+      hold need deciding: an OUT row is dropped when a part holds its key, and a part row when a later
+      part row has its key. This makes every crash state recoverable:
+        - crash while parts are being written: finished parts are kept, the temporary file is deleted on
+          the next open (under the lock, and only if no live process of that pid could still be writing it);
+        - crash while merging, before the replace: OUT is the old file, all parts remain; the next close
+          merges them again;
+        - crash after the replace, while deleting parts: OUT already holds the parts' rows; the next close
+          merges the same rows again.
+      Memory during the merge is bounded by the parts' keys, not by the size of OUT.
+    * An exclusive lock file (`OUT.lock`, flock-based, released by the kernel if the process dies) stops
+      two runs from writing the same output at once. Deleting it by hand while a run holds it lets a second
+      run in: the first finds its lock file gone or replaced at its next flush or before it would replace
+      OUT, and stops there with an error, its parts kept for the next run to merge.
+    * Every page carries a CRC32 checksum, verified whenever a page is read. Opening reads OUT and every
+      part whole, so damage behind an intact footer is found before any work, not at the final merge. A damaged OUT is refused unless `recover` is given, which moves it aside
+      (`OUT.corrupt-<time>`) and goes on: rows in the parts are kept, the rest are made again. A damaged
+      part is always moved aside (`part-NNNNNN.parquet.corrupt-<time>`, in OUT.parts), its rows made
+      again. Each is said in one `VlmbatchWarning`. A file in OUT.parts named `part-*.parquet` but not as
+      parts are named is no part: it is left alone, with a warning.
+    * File metadata carries `vlmbatch.settings` (JSON) plus the caller's metadata and `vlmbatch.written_at`.
+      Reopening an output written with other settings or another schema is refused, so one file never
+      mixes results of different runs. The one schema change accepted is an output written before a
+      nullable column was added: its rows read as null there.
 
     `key` names the columns that identify a row (what resume skips on). A row whose `failure_column`
     is set (non-null: the reason) failed: `done_keys` leaves its key out. `version_column` names what
@@ -140,7 +146,7 @@ class ParquetSink:
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
         recover: bool = False,
-        flush_rows: int = 256,
+        flush_rows: int = DEFAULT_FLUSH_ROWS,
         flush_seconds: float = 30.0,
     ) -> None:
         missing = [name for name in key if name not in schema.names]
@@ -149,7 +155,6 @@ class ParquetSink:
         for role, column in (("failure", failure_column), ("version", version_column)):
             if column is not None and column not in schema.names:
                 raise ValueError(f"{role} column {column!r} is not in the schema")
-        self.path = Path(path)
         self.path, self.parts_dir, lock_path = output_files(path)
         self._key = tuple(key)
         self._failure_column = failure_column
@@ -254,11 +259,11 @@ class ParquetSink:
             raise VlmbatchError(f"output {self.path} is named as a {self.path.suffix} file, but vlmbatch writes "
                                 f"Parquet: name it {self.path.with_suffix('.parquet')} (pandas, polars and DuckDB "
                                 "read it and can write it out as CSV or JSON)")
-        with _output_errors(self.path):
+        with output_errors(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
         try:
-            with _output_errors(self.path):
+            with output_errors(self.path):
                 self._clear_leftovers(overwrite)
                 self._set_aside_unreadable(recover)
             self._warn_of_misnamed_parts()
@@ -362,7 +367,7 @@ class ParquetSink:
                         first_row += len(keys)
                 row_groups.flush()
 
-        _write_atomically(self.path, write_merged, before_replace=self._check_lock)
+        write_atomically(self.path, write_merged, before_replace=self._check_lock)
 
     def _check_lock(self) -> None:
         """Stop once the lock file is gone or another file took its name: another run may be writing OUT."""
@@ -493,72 +498,19 @@ class _LockFile:
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None],
-                      before_replace: Callable[[], None] | None = None) -> None:
-    """Write `path` so that it either appears complete and durable or not at all; `before_replace` may
-    still refuse once the new content is written."""
-    temporary = _temporary_path(path)
-    with _output_errors(path):
-        try:
-            _write_durably(temporary, write)
-            if before_replace is not None:
-                before_replace()
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)  # gone once replaced; a failed write's is no use to anyone
-        _fsync_directory(path.parent)
-
-
 def _write_new_part(directory: Path, number: int, write: Callable[[BinaryIO], None]) -> int:
-    """Write a part as `_write_atomically` does, as the first of part `number`, `number + 1`, ... that does
+    """Write a part as `write_atomically` does, as the first of part `number`, `number + 1`, ... that does
     not exist yet; never over another part (another run's, if its lock was taken from it). Returns its number."""
-    temporary = _temporary_path(directory / _part_name(number))
-    with _output_errors(directory):
+    temporary = temporary_path(directory / _part_name(number))
+    with output_errors(directory):
         try:
-            _write_durably(temporary, write)
-            while not _link_new(temporary, directory / _part_name(number)):
+            write_durably(temporary, write)
+            while not link_new(temporary, directory / _part_name(number)):
                 number += 1
         finally:
             temporary.unlink(missing_ok=True)
-        _fsync_directory(directory)
+        fsync_directory(directory)
     return number
-
-
-def _write_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    with open(path, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _link_new(source: Path, target: Path) -> bool:
-    """Give `source` the name `target` unless that exists (False). A hard link, where the file system
-    has them, as no rename can refuse to replace."""
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-            raise
-        if target.exists():  # no hard links here: check, then rename (a race only a second writer can lose)
-            return False
-        os.replace(source, target)
-    return True
-
-
-@contextmanager
-def _output_errors(path: Path) -> Iterator[None]:
-    """Report OS failures (no space, no permission, not a folder) as the user's problem, in one line."""
-    try:
-        yield
-    except OSError as exc:
-        raise VlmbatchError(f"cannot write output {path}: {exc.strerror or exc}") from exc
-
-
-def _temporary_path(path: Path) -> Path:
-    """A fresh name beside `path`, its writer's own: another writer of the same file never shares it."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def _left_by_dead_run(temporary: Path, name: str | None) -> bool:
@@ -598,24 +550,15 @@ def _move_aside(path: Path) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for attempt in itertools.count():
         aside = path.with_name(f"{path.name}.corrupt-{stamp}" + (f"-{attempt}" if attempt else ""))
-        if _link_new(path, aside):
+        if link_new(path, aside):
             break
     path.unlink(missing_ok=True)  # gone already where the file system has no hard links (renamed)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return aside
 
 
 def _warn(message: str) -> None:
     warnings.warn(message, VlmbatchWarning, stacklevel=2)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename: without this a power cut can undo an `os.replace` that already returned."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _part_name(number: int) -> str:

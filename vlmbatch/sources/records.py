@@ -1,12 +1,25 @@
-"""The unit of work that flows from a Source to the Sink."""
+"""The unit of work that flows from a Source to the Sink (`ImageRecord`, `Question`), the `Source` that
+yields records, and the defaults every kind of source shares."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 from PIL import Image
+
+# Single-file manifests, by extension, and the `datasets` builder that streams them.
+MANIFEST_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+# Data files that make a folder a manifest folder. `.json` is left out: folders of images often hold
+# unrelated JSON (configs, annotations) that is not a table of images.
+FOLDER_DATA_EXTENSIONS = frozenset({".parquet", ".jsonl", ".csv"})
+# Files whose presence marks a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+# The split used when a dataset has several and none is asked for: evaluation runs want held-out data.
+DEFAULT_SPLIT = "test"
+DEFAULT_IMAGE_COLUMN = "image"
+DEFAULT_ID_COLUMN = "id"  # used when present and no --id-column is given
 
 
 @dataclass(frozen=True)
@@ -91,3 +104,33 @@ class Question:
     image: str
     question: str
     question_id: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """A lazy, re-iterable collection of `ImageRecord`s.
+
+    `size` is the number of records when it is known without reading them (saved datasets, Parquet
+    manifests, Hub splits with published sizes), for a progress bar; otherwise None.
+    `unique_ids` is True where no id can come twice (a folder's relative paths, one file), so a run
+    need not remember the ids it has seen to skip repeats.
+    `count`, where `size` is None, counts the records by a pass much cheaper than reading them (a
+    folder's listing), for a progress bar that wants a total; called only by those that do.
+    """
+
+    description: str
+    size: int | None
+    records: Callable[[], Iterator[ImageRecord]] = field(repr=False)  # a fresh iterator per call
+    unique_ids: bool = False
+    count: Callable[[], int] | None = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return self.records()
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The user's --image-column / --id-column choices (None: use the default)."""
+
+    image: str | None
+    id: str | None

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vlmbatch.errors import ImageDecodeError
-from vlmbatch.records import ImageRef, Unreadable, readable
+from vlmbatch.sources.records import ImageRef, Unreadable, readable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # What a path names when it is not a regular file, as an error row says it.

@@ -1,21 +1,9 @@
-"""VQA accuracy by the official rule of the VQA evaluation code (GT-Vision-Lab/VQA, vqaEval.py, master).
-
-Reproduced exactly, quirks included, because published VQAv2 numbers come from that code:
-
-* The predicted answer and each of the ten human answers have newlines and tabs turned into spaces and are
-  stripped.
-* Only when the ten human answers disagree does anything more happen, and then to both sides: each human
-  answer and the prediction go through punctuation processing and then digit/article processing (number
-  words to digits, articles dropped, apostrophe-less contractions restored). When all ten agree, nothing
-  else is done to either, so "Yes." does not match ten "yes" (on purpose upstream: such answers are often
-  text read off the image; see GT-Vision-Lab/VQA issue #14).
-* A question's accuracy is the mean, over the ten leave-one-out subsets of nine human answers, of
-  min(1, matches / 3).
-* Reported numbers are ×100 and rounded to 2 decimals, per question and in aggregate, as the official
-  code does (Python 3 `round`; upstream ran on Python 2, whose `round` differs only on exact binary ties).
-
-Normalization is pure and answers repeat a lot ("yes", "2"), so it is memoized; with the regexes compiled
-once, the 214k VQAv2 val questions score in a couple of seconds.
+"""VQA accuracy by the official rule of the VQA evaluation code (GT-Vision-Lab/VQA, vqaEval.py, master),
+quirks included, because published VQAv2 numbers come from that code: newlines and tabs become spaces;
+only when the ten human answers disagree are the answers and the prediction put through punctuation and
+digit/article processing (so "Yes." does not match ten "yes"); a question's accuracy is the mean over
+the ten leave-one-out subsets of nine answers of min(1, matches / 3); numbers are x100 and rounded to 2
+decimals, per question and in aggregate. Normalization is memoized: answers repeat a lot.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.images import resize_square
 from vlmbatch.model.config import PaliGemmaConfig
+from vlmbatch.sources.images import resize_square
 
 # Detection and segmentation outputs are made of these; they are ordinary text in PaliGemma's answers.
 _KEPT_SPECIAL = re.compile(r"<loc\d{4}>|<seg\d{3}>")

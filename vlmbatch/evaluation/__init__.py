@@ -1,0 +1,1 @@
+"""Benchmarks (COCO and Flickr30K captions, VQAv2), predictions, and their metrics."""
