@@ -620,3 +620,25 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "ok"
+
+
+def test_folder_output_equals_the_single_file_and_resumes(folder, tmp_path, ckpt, monkeypatch):
+    """An --out without a suffix is a Parquet dataset folder holding the same rows as a .parquet output."""
+    single, dataset = tmp_path / "caps.parquet", tmp_path / "caps"
+    caption(folder, single, ckpt)
+    caption(folder, dataset, ckpt)
+    assert dataset.is_dir()
+    by_id = lambda table: sorted(table, key=lambda row: row["id"])  # noqa: E731
+    assert by_id(rows(dataset)) == by_id(rows(single))
+    encoded = encoded_images(monkeypatch)
+    caption(folder, dataset, ckpt)  # a rerun writes nothing, encodes nothing
+    assert encoded == [] and len(rows(dataset)) == len(rows(single)) == 6
+    assert not any(path.name.endswith(".tmp") for path in dataset.iterdir())
+
+
+def test_folder_output_inside_the_source_folder_is_not_read_back(folder, ckpt):
+    out = folder / "captions/"
+    caption(folder, str(out) + "/", ckpt)
+    caption(folder, str(out) + "/", ckpt)
+    assert sorted(row["id"] for row in rows(out)) == sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))

@@ -197,12 +197,11 @@ def test_leftover_temporary_files_are_ignored(out: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import sys
-    from pathlib import Path
     import pyarrow as pa
-    from vlmbatch.sinks.parquet_file import ParquetSink
+    from vlmbatch.sinks.outputs import open_sink
 
     schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
-    sink = ParquetSink(Path(sys.argv[1]), schema, key=("id",), settings={"model": "m"}, flush_rows=10**9)
+    sink = open_sink(sys.argv[1], schema, key=("id",), settings={"model": "m"}, flush_rows=10**9)
     done = sink.done_keys()
     index = 0
     while True:
@@ -217,12 +216,18 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(out: Path) -> None:
+@pytest.mark.parametrize("name", ["caps.parquet", "caps/"], ids=["file", "dataset-folder"])
+def test_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(tmp_path: Path, name: str) -> None:
+    from pyarrow import dataset as pads
+
+    from vlmbatch.sinks.outputs import open_sink
+
+    out = str(tmp_path / name) + ("/" if name.endswith("/") else "")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     flushed = 0
     for run in range(3):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(out)], stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", CHILD, out], stdout=subprocess.PIPE, text=True, env=env
         )
         for line in child.stdout:
             flushed = max(flushed, int(line))
@@ -234,13 +239,17 @@ def test_sigkill_at_arbitrary_moments_loses_and_duplicates_nothing(out: Path) ->
         assert child.returncode == -signal.SIGKILL
 
     schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
-    with ParquetSink(out, schema, key=("id",), settings={"model": "m"}) as sink:
+    with open_sink(out, schema, key=("id",), settings={"model": "m"}) as sink:
         done = sink.done_keys()
-    ids = pq.read_table(out).column("id").to_pylist()
+    folder = name.endswith("/")
+    table = pads.dataset(out).to_table(columns=["id"]) if folder else pq.read_table(out, columns=["id"])
+    ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == len(done)  # no duplicates
     assert {(i,) for i in ids} == done.keys()
     assert {f"{i:07d}" for i in range(flushed)} <= set(ids)  # nothing reported flushed was lost
-    assert ids == sorted(ids)  # resumed runs continued where the previous one stopped
+    assert sorted(ids) == [f"{i:07d}" for i in range(len(ids))]  # resumed runs continued where the last stopped
+    if folder:
+        assert not any(p.name.endswith(".tmp") for p in Path(out).iterdir())
 
 
 # -- failed rows: tried again, replaced by what the retry gives ---------------------------------------

@@ -59,7 +59,8 @@ _JOB = {f.name: f.default for f in fields(JobSpec) if f.default is not MISSING}
 # the same. No min=/max= here: every bound lives in vlmbatch.spec, which flags, job specs and --set all meet, and
 # whose refusal is one line (exit 2) where typer's is a usage box.
 ModelOpt = typer.Option(_JOB["model"], "--model", "-m", help="Checkpoint directory or Hugging Face Hub id.")
-OutOpt = typer.Option(..., "--out", "-o", help="Output Parquet file (resumed if it exists).")
+OutOpt = typer.Option(..., "--out", "-o", help="Output, resumed if it exists: a .parquet file, or a Parquet dataset "
+                      "folder (a name ending in / or without a suffix, an existing folder, or s3://, gs://).")
 MaxNewOpt = typer.Option(_GEN.max_new_tokens, "--max-new-tokens", help="Most tokens generated per answer.")
 BatchOpt = typer.Option(_JOB["batch_size"], "--batch-size", "-b", help="Sequences decoded together (KV-cache slots).")
 BeamsOpt = typer.Option(_GEN.num_beams, "--num-beams", help="Beam search width; 1 is greedy or sampling.")
@@ -87,6 +88,12 @@ ConfineOpt = typer.Option(_JOB["confine"], "--confine", help="Manifests and save
 WorkersOpt = typer.Option(_JOB["workers"], "--workers", help="Image-decoding processes (0: decode in the main process). "
                           "Default: 0 on a CPU-only run, else cores - 1 (at most 8).")
 FlushOpt = typer.Option(_JOB["flush_rows"], "--flush-rows", help="Rows buffered before they are saved (a crash loses at most these).")
+RayOpt = typer.Option(_JOB["ray"], "--ray", help="Run on a Ray cluster: auto (the one RAY_ADDRESS or `ray start` "
+                      "names, else a local instance), HOST:PORT or ray://HOST:10001. OUT is then a dataset folder.")
+RayWorkersOpt = typer.Option(_JOB["ray_workers"], "--ray-workers", help="With --ray: engine workers, N or MIN-MAX "
+                             "(an autoscaling pool). Default 1.")
+GpusPerWorkerOpt = typer.Option(_JOB["gpus_per_worker"], "--gpus-per-worker", help="With --ray: GPUs per worker "
+                                "(default 1 where the cluster has GPUs, else CPU workers sharing a node's cores).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 
@@ -101,7 +108,8 @@ _JOB_FLAGS: dict[str, tuple[object, typer.models.OptionInfo]] = {
     "limit": (Optional[int], LimitOpt), "overwrite": (bool, OverwriteOpt), "recover": (bool, RecoverOpt),
     "split": (Optional[str], SplitOpt), "image_column": (Optional[str], ImageColOpt),
     "id_column": (Optional[str], IdColOpt), "confine": (bool, ConfineOpt), "workers": (Optional[int], WorkersOpt),
-    "flush_rows": (int, FlushOpt), "quiet": (bool, QuietOpt), "debug": (bool, DebugOpt),
+    "flush_rows": (int, FlushOpt), "ray": (Optional[str], RayOpt), "ray_workers": (Optional[str], RayWorkersOpt),
+    "gpus_per_worker": (Optional[float], GpusPerWorkerOpt), "quiet": (bool, QuietOpt), "debug": (bool, DebugOpt),
 }
 
 
@@ -144,7 +152,7 @@ that failed or were replaced since are captioned again.""")
 @_job_command("caption")
 def caption(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
-    out: Path = OutOpt,
+    out: str = OutOpt,
     prompt: str = typer.Option(_JOB["prompt"], "--prompt", help="Prompt given with every image."),
 ) -> None:
     """Caption every image of SOURCE into a Parquet file (columns id, caption, error, …)."""
@@ -158,7 +166,7 @@ question and optional question_id. Each image is decoded and encoded once, whate
 @_job_command("vqa")
 def vqa(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or manifest."),
-    out: Path = OutOpt,
+    out: str = OutOpt,
     questions: Optional[str] = typer.Option(None, "--questions", help="Questions file (JSONL, CSV or Parquet)."),
     question: Optional[str] = typer.Option(None, "--question", help="One question asked of every image."),
     prompt_template: str = typer.Option(_JOB["prompt_template"], "--prompt-template", help="Prompt; {question} is replaced."),
@@ -338,14 +346,24 @@ def _sigterm_raises_terminated() -> Iterator[list[int]]:
 
 
 def _merging_output(frame) -> bool:
-    """Whether the main thread, stopped at `frame`, is inside `ParquetSink.close` (merging the output)."""
-    sinks = sys.modules.get("vlmbatch.sinks.parquet_file")
-    close = sinks.ParquetSink.close.__code__ if sinks else None
-    while close is not None and frame is not None:
-        if frame.f_code is close:
+    """Whether the main thread, stopped at `frame`, is inside a sink's `close` (merging or compacting the
+    output: the one step a signal must not cut short)."""
+    closes = {module.close.__code__ for module in _sink_classes()}
+    while closes and frame is not None:
+        if frame.f_code in closes:
             return True
         frame = frame.f_back
     return False
+
+
+def _sink_classes() -> list[type]:
+    """The sink classes imported so far (a run that never opened a sink imported none)."""
+    found = []
+    for module, name in (("vlmbatch.sinks.parquet_file", "ParquetSink"),
+                         ("vlmbatch.sinks.dataset_dir", "ParquetDatasetSink")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return found
 
 
 def _stopped(how: str, code: int) -> None:

@@ -58,15 +58,16 @@ def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     if missing:
         raise VlmbatchError(f"{path}: missing required keys {', '.join(missing)}")
     for key in _PATH_KEYS:
-        if isinstance(raw.get(key), str) and not Path(raw[key]).expanduser().is_absolute():
-            raw[key] = os.path.normpath(path.parent.absolute() / raw[key])
+        value = raw.get(key)
+        if isinstance(value, str) and "://" not in value:  # a URI names no path on this machine
+            value = os.path.expanduser(value)
+            folder = value.endswith(("/", os.sep))  # a trailing '/' says a folder output: kept
+            raw[key] = os.path.normpath(path.parent.absolute() / value) + (os.sep if folder else "")
     model = raw.get("model")
     if isinstance(model, str) and not Path(model).expanduser().is_absolute():
         beside = path.parent.absolute() / model
         if model.startswith(".") or beside.is_dir():
             raw["model"] = os.path.normpath(beside)
-    if isinstance(raw["out"], str):  # anything else is JobSpec's to refuse
-        raw["out"] = Path(raw["out"]).expanduser()
     try:
         return JobSpec(generation=GenerationSettings(**generation), **raw)
     except (TypeError, ValueError) as exc:

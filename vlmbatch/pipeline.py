@@ -41,7 +41,7 @@ from vlmbatch.model.memory import (
     not_enough,
 )
 from vlmbatch.model.processor import Processor
-from vlmbatch.sinks.parquet_file import ParquetSink, output_files
+from vlmbatch.sinks.outputs import is_folder_output, open_sink, written_paths
 from vlmbatch.sources.decode import decode_stream
 from vlmbatch.sources.open import open_source
 from vlmbatch.sources.questions import group_by_image, load_questions
@@ -151,28 +151,41 @@ class Job:
         # The output is excluded from the source: written into an image folder, it must not be read back.
         self.source: Source = source or open_source(spec.source, split=spec.split, image_column=spec.image_column,
                                                     id_column=spec.id_column, confine=spec.confine,
-                                                    exclude=output_files(spec.out))
+                                                    exclude=written_paths(spec.out))
         self.questions = group_by_image(questions) if questions is not None else self._questions()
         self.source_exhausted = False
-        self.devices = resolve_devices(spec.devices) if spec.devices else [resolve_device(spec.device)]
+        self.ray = self._join_cluster() if spec.ray is not None else None
+        if self.ray is not None:  # the workers' device: the driver loads no weights
+            self.gpus_per_worker = ray_runner().gpus_per_worker(self.ray, spec.gpus_per_worker)
+            self.devices = [torch.device("cuda" if self.gpus_per_worker else "cpu")]
+        else:
+            self.devices = resolve_devices(spec.devices) if spec.devices else [resolve_device(spec.device)]
         self.device = self.devices[0]
         self.dtype = resolve_dtype(spec.dtype, self.device)
         self.cpu_matmul = resolve_cpu_matmul(spec.cpu_matmul, self.device, self.dtype)
         self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
         self.config = self.checkpoint.config
         shapes = weight_shapes(self.checkpoint)  # headers only: layers the files lack stop the job here
-        if self.device.type == "cpu":  # on CUDA the engine checks its cache, once the weights are in
+        if self.device.type == "cpu" and self.ray is None:  # on CUDA the engine checks its cache, once loaded
             # Counted from the headers, before the model's structure is built for the tensor check.
             self._check_host_memory(sum(math.prod(shape) for shape in shapes.values()))
         check_weights(self.checkpoint, shapes)  # the weights themselves load once an image needs them
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
-        self.sink = ParquetSink(
+        self.sink = open_sink(
             spec.out, CAPTION_SCHEMA if spec.task == "caption" else VQA_SCHEMA,
             key=("id",) if spec.task == "caption" else ("id", "question_id"),
             failure_column="error", version_column="image_version",
             settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite, recover=spec.recover,
             flush_rows=spec.flush_rows)
+
+    def _join_cluster(self):
+        """Ray, joined before anything else is resolved: a missing Ray, an unreachable cluster or a
+        single-file OUT (a cluster writes a dataset folder) stops the job before any work."""
+        if not is_folder_output(self.spec.out):
+            raise VlmbatchError(f"with --ray, --out must name a Parquet dataset folder (e.g. "
+                                f"{Path(self.spec.out).with_suffix('')}/), not the single file {self.spec.out}")
+        return ray_runner().connect(self.spec.ray)
 
     def _check_host_memory(self, parameters: int) -> None:
         """Stop before any work when the weights and KV cache of every CPU worker cannot fit."""
@@ -309,16 +322,19 @@ class Job:
         decoded or prompted (passed on from the decoding side, which may run in the engine's feeder
         thread, through a queue), then the rows of the engine's completions, and last the questions
         whose image the source lacked."""
-        errors: queue.SimpleQueue[dict] = queue.SimpleQueue()
-        work = self._work(done, failed, summary, errors)
-        # The model loads only once an image needs it: a rerun over an unchanged folder, or over one whose
-        # new files are all broken, loads nothing.
-        first = next(work, None)
-        if first is not None:
-            for completion in self._generate(itertools.chain([first], work)):
-                yield from _drain(errors)
-                yield self._completion_row(completion)
-        yield from _drain(errors)
+        if self.ray is not None:
+            yield from self._cluster_rows(done, failed, summary)
+        else:
+            errors: queue.SimpleQueue[dict] = queue.SimpleQueue()
+            work = self._work(done, failed, summary, errors)
+            # The model loads only once an image needs it: a rerun over an unchanged folder, or over one
+            # whose new files are all broken, loads nothing.
+            first = next(work, None)
+            if first is not None:
+                for completion in self._generate(itertools.chain([first], work)):
+                    yield from _drain(errors)
+                    yield self._completion_row(completion)
+            yield from _drain(errors)
         leftovers = self.unmatched_question_rows(done)
         summary.retried += sum((row["id"], row["question_id"]) in failed for row in leftovers)
         yield from leftovers
@@ -337,17 +353,46 @@ class Job:
                     errors.put(self._row(record.id, q, prompt, version=record.version, error=pixels))
                 continue
             prompts, rows = [], {}
-            for key, prompt, q in item.prompts:
-                ids = self.processor.prompt_ids(prompt)
-                if len(ids) > self.max_prompt_len:
-                    error = (f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
-                             f"(at most {MAX_PROMPT_TEXT_TOKENS})")
-                    errors.put(self._row(record.id, q, prompt, version=record.version, error=error))
+            for key, _, ids, row, error in self._engine_prompts(item):
+                if error is not None:
+                    errors.put({**row, "error": error, "finish_reason": "error"})
                     continue
                 prompts.append((key, ids))
-                rows[key] = self._row(record.id, q, prompt, version=record.version)
+                rows[key] = row
             if prompts:
                 yield ImageWork(pixels, prompts, context=rows)
+
+    def _engine_prompts(self, item: _Item) -> list[tuple[tuple, str, list[int], dict, str | None]]:
+        """Per prompt of `item`: its key, its text, its token ids, the row its completion fills in, and
+        the error that row says instead where the prompt is too long (None where it is not)."""
+        made = []
+        for key, prompt, q in item.prompts:
+            ids = self.processor.prompt_ids(prompt)
+            error = None
+            if len(ids) > self.max_prompt_len:
+                error = (f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
+                         f"(at most {MAX_PROMPT_TEXT_TOKENS})")
+            made.append((key, prompt, ids, self._row(item.record.id, q, prompt, version=item.record.version), error))
+        return made
+
+    def _cluster_rows(self, done: Mapping[tuple, str | None], failed: Collection[tuple],
+                      summary: Summary) -> Iterator[dict]:
+        """The rows of the images still to do, made on the Ray cluster (`vlmbatch.distributed`): the
+        to-do list goes out as image references and prompt ids, and each image's rows come back here."""
+        runner, spec = ray_runner(), self.spec
+        fewest, most = spec.worker_range
+        threads = runner.cpu_threads(self.ray, most)
+        worker = WorkerSpec(self.checkpoint, self.dtype, spec.generation, spec.batch_size, self.max_prompt_len,
+                            cpu_threads=threads, cpu_matmul=self.cpu_matmul, cuda_graph=spec.cuda_graph)
+        cluster = runner.ClusterWorker(worker, spec.model, self.fingerprint, spec.answer_column,
+                                       self.config.vision.image_size, self.gpus_per_worker)
+        # Prompts travel as text (each worker tokenizes them again): a to-do list of token ids would be
+        # 256 image tokens per prompt.
+        todo = ((item.record.image, [(key, prompt, row, error) for key, prompt, _, row, error in self._engine_prompts(item)])
+                for item in self.items(done, summary, failed))
+        for rows in runner.run_on_ray(todo, cluster, (fewest, most)):
+            summary.images += 1
+            yield from rows
 
     @property
     def decode_workers(self) -> int:
@@ -373,6 +418,13 @@ class Job:
         """The row its image's work left for this completion, filled in."""
         return {**completion.context[completion.key], self.spec.answer_column: self.processor.decode(completion.tokens),
                 "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
+
+
+def ray_runner():
+    """`vlmbatch.distributed.ray_runner`, imported only by a --ray job (it imports Ray)."""
+    from vlmbatch.distributed import ray_runner
+
+    return ray_runner
 
 
 def _drain(rows: queue.SimpleQueue) -> Iterator[dict]:

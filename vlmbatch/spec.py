@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -24,7 +25,7 @@ DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a 
 
 # The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
 AT_LEAST = {"max_new_tokens": 1, "num_beams": 1, "temperature": 0, "batch_size": 1, "limit": 1, "flush_rows": 1,
-            "workers": 0}
+            "workers": 0, "gpus_per_worker": 0}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -114,6 +115,17 @@ def _as_path(value) -> Path:
     return Path(value)
 
 
+class Location(str):
+    """Where output goes, spelled as given: a path or a URI (`s3://...`). A trailing `/` says a folder, so
+    it is not normalized away as a `Path` would."""
+
+
+def _as_location(value) -> Location:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(value)
+    return Location(os.fspath(value))
+
+
 def _instance_of(cls: type):
     def check(value):
         if not isinstance(value, cls):
@@ -122,9 +134,10 @@ def _instance_of(cls: type):
     return check
 
 
-_CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str, Path: _as_path}
+_CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str, Path: _as_path,
+               Location: _as_location}
 _NAMES = {bool: "a boolean (true/false, yes/no, on/off, 1/0)", int: "an integer", float: "a number",
-          str: "a string", Path: "a path"}
+          str: "a string", Path: "a path", Location: "a path or URI"}
 
 
 @dataclass(frozen=True)
@@ -153,7 +166,7 @@ class GenerationSettings:
 class JobSpec:
     task: str  # "caption" | "vqa"
     source: str
-    out: Path
+    out: Location  # a .parquet file, or a Parquet dataset folder (sinks.outputs.is_folder_output)
     model: str = DEFAULT_MODEL
     prompt: str = DEFAULT_CAPTION_PROMPT  # caption
     prompt_template: str = DEFAULT_VQA_TEMPLATE  # vqa
@@ -175,11 +188,32 @@ class JobSpec:
     flush_rows: int = DEFAULT_FLUSH_ROWS
     confine: bool = False  # datasets and manifests: image paths outside their folder become error rows
     recover: bool = False  # an unreadable OUT is moved aside (OUT.corrupt-<time>), not refused; parts are kept
+    ray: str | None = None  # run on a Ray cluster: "auto", "HOST:PORT" or "ray://HOST:10001" (vlmbatch.distributed)
+    ray_workers: str | None = None  # engine actors: "N", or "MIN-MAX" for an autoscaling pool (default 1)
+    gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else CPU workers; 0: CPU workers
 
     def __post_init__(self):
         _validate(self)
         if self.task not in TASKS:
             raise SpecError(f"task must be caption or vqa, got {self.task!r}")
+        if self.ray is None and (self.ray_workers is not None or self.gpus_per_worker is not None):
+            raise SpecError("ray_workers and gpus_per_worker need ray (--ray auto or an address)")
+        if self.ray is not None and self.devices is not None:
+            raise SpecError("ray and devices exclude each other: on a cluster use ray_workers")
+        self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """`ray_workers` as (fewest, most) engine actors: "4" is (4, 4), "2-8" an autoscaling (2, 8)."""
+        text = (self.ray_workers or "1").strip()
+        low, sep, high = text.partition("-")
+        try:
+            fewest, most = int(low), int(high if sep else low)
+        except ValueError:
+            raise SpecError(f"ray_workers must be N or MIN-MAX, got {self.ray_workers!r}") from None
+        if not 1 <= fewest <= most:
+            raise SpecError(f"ray_workers must be N or MIN-MAX with 1 <= MIN <= MAX, got {self.ray_workers!r}")
+        return fewest, most
 
     @property
     def answer_column(self) -> str:

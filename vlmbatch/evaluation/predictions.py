@@ -36,15 +36,12 @@ class Predictions:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a predictions file: Parquet, a JSON list of objects (official results format), or JSON lines."""
+    if path.is_dir():  # a Parquet dataset folder, as a job's folder output (its hidden files are skipped)
+        return _read_parquet(path)
     if not path.is_file():
         raise VlmbatchError(f"predictions file not found: {path}")
     if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow raises several types for unreadable files
-            raise VlmbatchError(f"cannot read {path} as Parquet: {exc}") from None
+        return _read_parquet(path)
     if path.suffix.lower() == ".jsonl":
         with open(path, encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
@@ -52,6 +49,15 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not isinstance(rows, list):
         raise VlmbatchError(f"{path} must hold a JSON list of results, like the official results format")
     return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise VlmbatchError(f"cannot read {path} as Parquet: {exc}") from None
 
 
 def _pick_columns(rows: list[dict[str, Any]], path: Path, ids: Sequence[str], texts: Sequence[str]) -> tuple[str, str]:

@@ -54,9 +54,23 @@ def link_new(source: Path, target: Path) -> bool:
     return True
 
 
+def write_new(directory: Path, name_for: Callable[[int], str], number: int, write: Callable[[BinaryIO], None]) -> int:
+    """Write a file of `directory` as `write_atomically` does, under the first of `name_for(number)`,
+    `name_for(number + 1)`, ... that does not exist yet: never over another file (another run's, if its
+    lock was taken from it). Returns the number it got."""
+    temporary = temporary_path(directory / name_for(number))
+    with output_errors(directory):
+        try:
+            write_durably(temporary, write)
+            while not link_new(temporary, directory / name_for(number)):
+                number += 1
+        finally:
+            temporary.unlink(missing_ok=True)
+        fsync_directory(directory)
+    return number
+
+
 @contextmanager
-
-
 def output_errors(path: Path) -> Iterator[None]:
     """Report OS failures (no space, no permission, not a folder) as the user's problem, in one line."""
     try:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vlmbatch.errors import ImageDecodeError
-from vlmbatch.sources.records import ImageRef, Unreadable, readable
+from vlmbatch.sources.records import ImageRef, TarMember, Unreadable, file_version, readable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # What a path names when it is not a regular file, as an error row says it.
@@ -57,6 +57,8 @@ def load_image(ref: ImageRef) -> Image.Image:
 def _load_image(ref: ImageRef) -> Image.Image:
     if isinstance(ref, Unreadable):
         raise ImageDecodeError(ref.reason)
+    if isinstance(ref, TarMember):
+        ref = _member_bytes(ref)
     if isinstance(ref, (bytes, bytearray)) and not ref:
         raise ImageDecodeError("no image data (an empty or missing value)")
     if isinstance(ref, str) and "://" in ref:
@@ -79,6 +81,24 @@ def _load_image(ref: ImageRef) -> Image.Image:
         raise ImageDecodeError("not an image Pillow can identify") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
+
+
+def _member_bytes(ref: TarMember) -> bytes:
+    """The bytes of a tar member, if its shard is still the one it was listed from and holds them."""
+    shard = ref.shard
+    if ref.shard_version is not None and file_version(shard) not in (ref.shard_version, None):
+        raise ImageDecodeError(f"shard {shard} changed since it was listed (the next run reads it again)")
+    try:
+        with _open_regular_file(shard) as file:
+            file.seek(ref.offset)
+            data = file.read(ref.size)
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read shard {shard}: {exc.strerror or exc}") from None
+    if len(data) < ref.size:
+        raise ImageDecodeError(f"member {ref.member} is cut off: shard {shard} ends inside it")
+    if not data:
+        raise ImageDecodeError(f"member {ref.member} of shard {shard} is empty")
+    return data
 
 
 def _first_frame(file: BinaryIO) -> Image.Image:

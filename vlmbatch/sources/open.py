@@ -2,10 +2,12 @@
 
 Nothing is decoded or loaded whole (folders are walked as they are iterated, manifests and Hub datasets
 streamed, saved datasets memory-mapped), so a million-image source costs the same to open as ten images.
-Resolution: an existing file is an image (by extension) or a .parquet/.jsonl/.json/.csv manifest; an
-existing folder is a `save_to_disk` dataset (marker files), a manifest folder (data files and no images
-beside them) or an image folder, walked recursively; an `owner/name` that is no local path is a Hub
-dataset, streamed.
+Resolution: an existing file is an image (by extension), a .parquet/.jsonl/.json/.csv manifest or a
+WebDataset .tar shard; an existing folder is a `save_to_disk` dataset (marker files), a WebDataset
+folder (.tar files and no images beside them: img2dataset's .parquet beside its shards are not a
+manifest), a manifest folder (data files and no images beside them) or an image folder, walked
+recursively; a brace pattern that is no local path (`shards/{00000..00009}.tar`) names WebDataset shards;
+an `owner/name` that is no local path is a Hub dataset, streamed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vlmbatch.sources.records import (
     file_version,
     readable,
 )
+from vlmbatch.sources.shards import SHARD_SUFFIX, expand_pattern, folder_shards, is_pattern, open_webdataset
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -56,6 +59,9 @@ def open_source(
         return _open_file(path.absolute(), columns, confine)
     if path.is_dir():
         return _open_folder(path.absolute(), split, columns, confine, _excluded_paths(exclude))
+    if is_pattern(source):
+        shards = expand_pattern(source)
+        return open_webdataset(shards, f"WebDataset shards {source} ({len(shards)} shards)")
     if _HUB_ID.match(source):
         from vlmbatch.sources.hf_datasets import open_hub
 
@@ -84,9 +90,13 @@ def _open_file(path: Path, columns: Columns, confine: bool) -> Source:
         from vlmbatch.sources.hf_datasets import open_manifest
 
         return open_manifest([path], columns, description=f"manifest {path}", confine=confine)
+    if suffix == SHARD_SUFFIX:
+        if not path.is_file():
+            raise VlmbatchError(f"shard {path} is not a regular file")
+        return open_webdataset([path], f"WebDataset shard {path}")
     raise VlmbatchError(
-        f"unsupported source file {path}: expected an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-        f"or a {', '.join(MANIFEST_BUILDERS)} manifest"
+        f"unsupported source file {path}: expected an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
+        f"a {', '.join(MANIFEST_BUILDERS)} manifest or a .tar WebDataset shard"
     )
 
 
@@ -96,6 +106,9 @@ def _open_folder(path: Path, split: str | None, columns: Columns, confine: bool,
         from vlmbatch.sources.hf_datasets import open_saved_dataset
 
         return open_saved_dataset(path, split, columns, confine)
+    shards = folder_shards(path, exclude)
+    if shards:  # before manifests: img2dataset writes a .parquet of metadata beside each shard
+        return open_webdataset(shards, f"WebDataset folder {path} ({len(shards)} shards)")
     data_files = _manifest_files(path, exclude)
     if data_files:
         from vlmbatch.sources.hf_datasets import open_manifest

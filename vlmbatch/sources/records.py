@@ -30,8 +30,21 @@ class Unreadable:
     reason: str
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image that is member `member` of the uncompressed tar `shard` (a WebDataset shard): its bytes
+    are `size` bytes from `offset`, read by the worker that decodes it, so a pass over the shards reads
+    headers only. Decoding refuses it if the shard's `file_version` is no longer `shard_version`."""
+
+    shard: str
+    member: str
+    offset: int
+    size: int
+    shard_version: str | None = None
+
+
 # Where an image comes from. Decoding is deferred to the processor workers so sources stay cheap.
-ImageRef = Union[str, os.PathLike, bytes, Image.Image, Unreadable]
+ImageRef = Union[str, os.PathLike, bytes, Image.Image, Unreadable, TarMember]
 
 
 @dataclass(frozen=True)
