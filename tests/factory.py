@@ -696,3 +696,101 @@ def _write_bomb_png(path: Path, side: int = BOMB_SIDE) -> None:
     idat += comp.compress(row * (side % 1000)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------------------
+# SigLIP dual encoders (image-text match scores)
+# ---------------------------------------------------------------------------
+
+#: How a SigLIP checkpoint ships its tokenizer: "json", a Gemma-style tokenizer.json closing each text
+#: with <eos>, GemmaTokenizer's config (SigLIP 2's kind; transformers pads it on the left); "siglip2", the
+#: same named Siglip2Tokenizer (which transformers also lowercases); "spiece", a SentencePiece unigram
+#: spiece.model and SiglipTokenizer's config (SigLIP's kind: </s> as pad and eos, canonicalized text).
+SIGLIP_TOKENIZERS = ("json", "siglip2", "spiece")
+#: A trained SigLIP B/16's logit scale (exp: ~117) and bias, so that the test logits have real magnitudes.
+SIGLIP_LOGIT_SCALE, SIGLIP_LOGIT_BIAS = 4.77, -12.9
+
+
+def _siglip_spiece(out_dir: Path) -> Path:
+    """A ~200-piece SentencePiece unigram model trained on the inline corpus (ids 0-2: <pad> </s> <unk>,
+    as in SigLIP's T5-style vocabulary); characters outside the corpus become <unk>."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=model, vocab_size=300, hard_vocab_limit=False,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        num_threads=1, minloglevel=2,
+    )
+    path = Path(out_dir) / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def make_siglip_tokenizer(out_dir: Path, kind: str = "json", image_size: int = 56) -> dict[str, int]:
+    """Write a SigLIP checkpoint's tokenizer and processor files into ``out_dir`` (``kind``: see
+    :data:`SIGLIP_TOKENIZERS`), loadable by ``SiglipProcessor.from_pretrained``; plus the flat
+    preprocessor_config.json the hub ships. Returns ``{"vocab_size", "pad", "eos"}``."""
+    from transformers import (
+        GemmaTokenizerFast,
+        SiglipImageProcessor,
+        SiglipProcessor,
+        SiglipTokenizer,
+    )
+    from transformers.image_utils import PILImageResampling
+
+    if kind not in SIGLIP_TOKENIZERS:
+        raise ValueError(f"unknown SigLIP tokenizer kind {kind!r}; expected one of {SIGLIP_TOKENIZERS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if kind in ("json", "siglip2"):
+        from tokenizers import processors
+
+        tok = build_tokenizer()
+        tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
+        hf_tok = GemmaTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                    unk_token="<unk>", model_max_length=64)
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    else:
+        hf_tok = SiglipTokenizer(str(_siglip_spiece(out_dir)), model_max_length=64)
+        vocab_size = hf_tok.vocab_size
+    image_processor = SiglipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    SiglipProcessor(image_processor=image_processor, tokenizer=hf_tok).save_pretrained(out_dir)
+    _write_json(out_dir / "preprocessor_config.json", {**image_processor.to_dict(), "processor_class": "SiglipProcessor"})
+    if kind == "siglip2":
+        config = json.loads((out_dir / "tokenizer_config.json").read_text())
+        _write_json(out_dir / "tokenizer_config.json", {**config, "tokenizer_class": "Siglip2Tokenizer"})
+    return {"vocab_size": vocab_size, "pad": hf_tok.pad_token_id, "eos": hf_tok.eos_token_id}
+
+
+def make_siglip_checkpoint(out_dir: Path, seed: int = 0, tokenizer: str = "json", image_size: int = 56,
+                           patch_size: int = PATCH_SIZE, text: dict | None = None, vision: dict | None = None):
+    """Write a tiny random SigLIP dual-encoder checkpoint (``SiglipModel.save_pretrained``: config.json with
+    text_config / vision_config, model.safetensors with ``vision_model.*``, ``text_model.*``,
+    ``logit_scale``, ``logit_bias``) with its tokenizer (:func:`make_siglip_tokenizer`); return the HF model.
+
+    Vision: 32 wide, 2 layers, 2 heads, with the attention-pooling head. Text: 48 wide, 4 heads, 2 layers,
+    64 positions, projected to 32 (the vision width), as a real checkpoint's towers meet. ``text`` and
+    ``vision`` replace fields of each config. Weights as :func:`_randomize` draws them; logit scale and
+    bias those of a trained model (:data:`SIGLIP_LOGIT_SCALE`).
+    """
+    from transformers import SiglipConfig, SiglipModel
+
+    ids = make_siglip_tokenizer(out_dir, tokenizer, image_size=image_size)
+    text_config = {"vocab_size": ids["vocab_size"], "hidden_size": 48, "intermediate_size": 96,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
+                   "projection_size": 32, "pad_token_id": ids["pad"], "eos_token_id": ids["eos"], "bos_token_id": None}
+    vision_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "image_size": image_size, "patch_size": patch_size}
+    config = SiglipConfig(text_config={**text_config, **(text or {})}, vision_config={**vision_config, **(vision or {})})
+    torch.manual_seed(seed)
+    model = SiglipModel(config).to(torch.float32).eval()
+    _randomize(model, seed)
+    with torch.no_grad():
+        model.logit_scale.fill_(SIGLIP_LOGIT_SCALE)
+        model.logit_bias.fill_(SIGLIP_LOGIT_BIAS)
+    model.save_pretrained(out_dir)
+    return model

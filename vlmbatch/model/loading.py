@@ -48,7 +48,7 @@ _UNUSED_PREFIXES = ("vision.head.",)
 _UNUSED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
 
 _CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                     "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                     "spiece.model", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                      "processor_config.json", "generation_config.json"]
 
 
@@ -156,20 +156,25 @@ def _used_tensors(checkpoint: Checkpoint, device: str | torch.device = "cpu") ->
     """(open weight file, name in it, canonical name) of each tensor PaliGemma uses. A file safetensors
     cannot read (one cut short, say) is named in a VlmbatchError."""
     for file in checkpoint.weight_files():
-        try:
-            handle = safe_open(file, framework="pt", device=str(device))
-        except (SafetensorError, OSError) as exc:
-            raise VlmbatchError(f"{checkpoint.name}: cannot read {file.name} ({exc}); if a download was "
-                                "interrupted, delete the file and fetch it again") from None
-        except RuntimeError as exc:  # torch maps the whole file, even to read its header
-            if "unable to mmap" not in str(exc):
-                raise
-            raise _unmappable(checkpoint, file) from None
-        with handle as f:
+        with open_weights(checkpoint, file, device) as f:
             for name in f.keys():
                 target = canonical_name(name)
                 if target is not None:
                     yield f, name, target
+
+
+def open_weights(checkpoint: Checkpoint, file: Path, device: str | torch.device = "cpu") -> safe_open:
+    """`file` of the checkpoint opened with safetensors; one it cannot read (one cut short, say) is
+    named in a VlmbatchError."""
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise VlmbatchError(f"{checkpoint.name}: cannot read {file.name} ({exc}); if a download was "
+                            "interrupted, delete the file and fetch it again") from None
+    except RuntimeError as exc:  # torch maps the whole file, even to read its header
+        if "unable to mmap" not in str(exc):
+            raise
+        raise _unmappable(checkpoint, file) from None
 
 
 def _unmappable(checkpoint: Checkpoint, file: Path) -> VlmbatchError:
