@@ -3,6 +3,7 @@ SiglipModel on the same images and captions, resumable, and living with the capt
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import test_eval_cli
 import torch
 from factory import make_siglip_checkpoint, real_photos
 from typer.testing import CliRunner
@@ -220,3 +222,32 @@ def test_fatal_mistakes_are_one_line(case, folder, tmp_path, ckpt, siglip):
     result = score(out, folder, model, expect=2)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+
+
+coco_folder = test_eval_cli.coco_folder
+
+
+def test_eval_reports_the_mean_score_and_clip_s_over_siglip(coco_folder, tmp_path, ckpt, siglip):
+    scores = tmp_path / "scores.json"
+    per_item = tmp_path / "items.parquet"
+    invoke("eval", "--dataset", "coco", "--data", coco_folder, "--out", scores, "--per-item", per_item,
+           "--model", ckpt, "--metrics", "bleu,cider", "--max-new-tokens", 6, "--workers", 0, "--quiet",
+           "--score-with", siglip[0])
+    predictions = table(scores.with_name("scores.predictions.parquet"))
+    assert all(row["siglip_prob"] is not None for row in predictions.values())
+    report = json.loads(scores.read_text())
+    probs = [row["siglip_prob"] for row in predictions.values()]
+    clip_s = [2.5 * max(row["siglip_cos"], 0.0) for row in predictions.values()]
+    assert report["SigLIP_prob"] == pytest.approx(sum(probs) / len(probs))
+    assert report["CLIP-S_SigLIP"] == pytest.approx(sum(clip_s) / len(clip_s))
+    items = pq.read_table(per_item).to_pylist()
+    assert sorted(item["siglip_prob"] for item in items) == pytest.approx(sorted(probs))
+
+    # Predictions only partly scored: the mean covers those, and a line says so.
+    partial = tmp_path / "partial.parquet"
+    rows = sorted(predictions.values(), key=lambda row: row["id"])
+    rows[0].update(siglip_prob=None, siglip_cos=None, siglip_weights=None)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(scores.with_name("scores.predictions.parquet"))),
+                   partial)
+    result = invoke("eval", "--dataset", "coco", "--data", coco_folder, "--predictions", partial, "--metrics", "bleu")
+    assert "SigLIP_prob" in result.output and "SigLIP scores cover 3 of 4" in result.output

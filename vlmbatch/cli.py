@@ -266,6 +266,10 @@ def eval_(
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA).'),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the split's first N items (images, or VQA questions): a quick check."),
     provision_spice: bool = typer.Option(False, "--provision-spice", help="Download SPICE's Stanford CoreNLP 3.6.0 jars into the cache."),
+    score_with: Optional[str] = typer.Option(None, "--score-with", help="Captions: a SigLIP checkpoint scoring each "
+                                             "generated caption; the mean match probability and CLIP-S over SigLIP "
+                                             "are reported beside the reference metrics (as they are for predictions "
+                                             "scored by `vlmbatch score`)."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
     devices: Optional[str] = DevicesOpt, dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt,
@@ -287,14 +291,17 @@ def eval_(
         # Built now, so that a flag out of bounds is refused before the dataset loads; generate() completes it.
         flags = JobSpec(task="caption", source=data or dataset, out=Path(), model=model, batch_size=batch_size,
                         device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, cuda_graph=cuda_graph,
-                        overwrite=overwrite, recover=recover, workers=workers, generation=generation)
+                        overwrite=overwrite, recover=recover, workers=workers, generation=generation,
+                        score_with=score_with)
 
         def generate(task, records, questions, out_path: Path) -> Path:
             from vlmbatch.sources.records import Source
 
             default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
+            if task != "caption" and score_with:
+                raise VlmbatchError("--score-with scores captions; VQA answers are not scored")
             spec = replace(flags, task=task, out=out_path, prompt=prompt or default_prompt,
-                           prompt_template=prompt or default_prompt)
+                           prompt_template=prompt or default_prompt, score_with=score_with if task == "caption" else None)
             source = Source(description=f"{dataset} {split or ''}".strip(), size=None, records=lambda: iter(records))
             _run(_job(spec, source=source, questions=questions), quiet)
             return out_path
