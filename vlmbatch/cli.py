@@ -151,13 +151,18 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
   vlmbatch caption ./photos --out captions.parquet\n
   vlmbatch caption ./photos --out alt.parquet --prompt "caption en" --batch-size 64\n
   vlmbatch caption my/dataset --split validation --image-column img --id-column key --out caps.parquet\n
+  vlmbatch caption ./photos --lang en,es,fr,de --out alt.parquet\n
 Re-running the same command resumes: over a grown folder only new images are captioned, and images
 that failed or were replaced since are captioned again.""")
 @_job_command("caption")
 def caption(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
     out: str = OutOpt,
-    prompt: str = typer.Option(_JOB["prompt"], "--prompt", help="Prompt given with every image."),
+    prompt: str = typer.Option(_JOB["prompt"], "--prompt", help="Prompt given with every image; with --lang, {lang} "
+                               "stands for each language (default then: \"caption {lang}\")."),
+    lang: Optional[str] = typer.Option(_JOB["lang"], "--lang", help="Caption languages, e.g. en,es,fr,de: one row "
+                                       "per image and language (column lang), the image encoded once for all. "
+                                       "A language added later captions only that language."),
     score_with: Optional[str] = typer.Option(_JOB["score_with"], "--score-with", help="A SigLIP checkpoint (e.g. "
                                              f"{DEFAULT_SCORE_MODEL}) scoring each new caption against its image as "
                                              "it is written (siglip_prob, siglip_cos); see `vlmbatch score`."),

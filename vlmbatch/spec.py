@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +21,7 @@ from vlmbatch.errors import VlmbatchError
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 DEFAULT_SCORE_MODEL = "google/siglip-so400m-patch14-384"  # the SigLIP that PaliGemma's vision tower comes from
 DEFAULT_CAPTION_PROMPT = "caption en"
+LANG_PROMPT = "caption {lang}"  # PaliGemma mix's multilingual captions
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
 TASKS = ("caption", "vqa")
 DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a kill can cost)
@@ -127,6 +129,24 @@ def _as_location(value) -> Location:
     return Location(os.fspath(value))
 
 
+class Languages(tuple):
+    """Caption languages, each a code as PaliGemma mix's prompts spell it (`en`, `es`, `pt-BR`, `zh`)."""
+
+
+_LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+
+
+def _as_languages(value) -> Languages:
+    """`"en,es"` (a flag, --set) or `["en", "es"]` (a job spec)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise TypeError(value)
+    codes = [item.strip() for item in items if item.strip()]
+    if not codes or len(set(codes)) < len(codes) or not all(_LANGUAGE_CODE.fullmatch(code) for code in codes):
+        raise ValueError(value)
+    return Languages(codes)
+
+
 def _instance_of(cls: type):
     def check(value):
         if not isinstance(value, cls):
@@ -136,9 +156,10 @@ def _instance_of(cls: type):
 
 
 _CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str, Path: _as_path,
-               Location: _as_location}
+               Location: _as_location, Languages: _as_languages}
 _NAMES = {bool: "a boolean (true/false, yes/no, on/off, 1/0)", int: "an integer", float: "a number",
-          str: "a string", Path: "a path", Location: "a path or URI"}
+          str: "a string", Path: "a path", Location: "a path or URI",
+          Languages: 'distinct language codes ("en,es" or ["en", "es"])'}
 
 
 @dataclass(frozen=True)
@@ -169,7 +190,8 @@ class JobSpec:
     source: str
     out: Location  # a .parquet file, or a Parquet dataset folder (sinks.outputs.is_folder_output)
     model: str = DEFAULT_MODEL
-    prompt: str = DEFAULT_CAPTION_PROMPT  # caption
+    prompt: str = DEFAULT_CAPTION_PROMPT  # caption; with `lang`, {lang} is each language's code
+    lang: Languages | None = None  # caption: one row per image and language, prompted "caption {lang}"
     prompt_template: str = DEFAULT_VQA_TEMPLATE  # vqa
     questions: str | None = None  # vqa: JSONL / CSV / Parquet file
     question: str | None = None  # vqa: one question for every image
@@ -203,6 +225,10 @@ class JobSpec:
         if self.ray is not None and self.devices is not None:
             raise SpecError("ray and devices exclude each other: on a cluster use ray_workers")
         self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
+        if self.lang is not None and self.task != "caption":
+            raise SpecError("lang takes caption languages: it needs the caption task")
+        if self.lang is not None and "{lang}" not in self.caption_prompt:
+            raise SpecError(f"with lang, the prompt must contain {{lang}} (e.g. \"{LANG_PROMPT}\"), got {self.prompt!r}")
         if self.score_with is not None and self.task != "caption":
             raise SpecError("score_with scores captions: it needs the caption task")
         if self.score_with is not None and self.ray is not None:
@@ -220,6 +246,11 @@ class JobSpec:
         if not 1 <= fewest <= most:
             raise SpecError(f"ray_workers must be N or MIN-MAX with 1 <= MIN <= MAX, got {self.ray_workers!r}")
         return fewest, most
+
+    @property
+    def caption_prompt(self) -> str:
+        """The caption prompt; with `lang` and the default prompt, PaliGemma mix's `caption {lang}`."""
+        return LANG_PROMPT if self.lang is not None and self.prompt == DEFAULT_CAPTION_PROMPT else self.prompt
 
     @property
     def answer_column(self) -> str:
