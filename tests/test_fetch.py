@@ -1,0 +1,217 @@
+"""Fetching images given as URLs (vlmbatch.sources.fetch) from a real HTTP server on 127.0.0.1, started
+by the tests: real photos fetched, cached and read back with the server gone; each kind of failure one
+reason; retries; a bounded window. The CLI end to end is in test_eval_cli.py and at the end here."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from factory import real_photos
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlmbatch.cli import app
+from vlmbatch.sources.fetch import FetchSettings, default_cache_dir, fetch_stream
+from vlmbatch.sources.images import load_image
+from vlmbatch.sources.records import Unreadable, Url
+
+SLOW_S = 3.0  # how long /slow waits before answering: well past the tests' short timeouts
+PHOTOS = list(real_photos())[:4]
+
+
+def jpeg(name: str) -> bytes:
+    buffer = io.BytesIO()
+    real_photos()[name].convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # a client that hung up on purpose (size cap, timeout)
+        pass
+
+
+class PhotoServer:
+    """A threaded HTTP server on 127.0.0.1 serving the test photos and misbehaving on purpose:
+    /photo/NAME.jpg, /missing (404), /slow (answers after SLOW_S), /text (not an image), /big and
+    /big-declared (over any small cap; without and with Content-Length), /flaky/NAME.jpg (503, then the
+    photo), /together/NAME.jpg (answers only once 4 requests wait together). `hits` counts requests."""
+
+    def __init__(self):
+        self.hits: Counter[str] = Counter()
+        self.barrier = threading.Barrier(4, timeout=5)
+        self.photos = {name: jpeg(name) for name in PHOTOS}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                server.hits[self.path] += 1
+                server.respond(self)
+
+            def log_message(self, *args):  # quiet test output
+                pass
+
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def respond(self, handler: BaseHTTPRequestHandler) -> None:
+        path = handler.path
+        name = path.rsplit("/", 1)[-1].removesuffix(".jpg")
+        if path.startswith("/photo/") and name in self.photos:
+            return self.send(handler, 200, self.photos[name])
+        if path.startswith("/flaky/") and name in self.photos:
+            return self.send(handler, 503 if self.hits[path] == 1 else 200, self.photos[name])
+        if path.startswith("/together/") and name in self.photos:
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                return self.send(handler, 500, b"alone")
+            return self.send(handler, 200, self.photos[name])
+        if path == "/slow":
+            time.sleep(SLOW_S)
+            return self.send(handler, 200, self.photos[PHOTOS[0]])
+        if path == "/text":
+            return self.send(handler, 200, b"<html>no image here</html>", "text/html")
+        if path == "/big":  # no Content-Length: the body ends when the connection closes (HTTP/1.0)
+            handler.send_response(200)
+            handler.send_header("Content-Type", "image/jpeg")
+            handler.end_headers()
+            for _ in range(64):
+                handler.wfile.write(b"\xff" * 16384)
+            return None
+        if path == "/big-declared":
+            return self.send(handler, 200, b"\xff" * 1_000_000)
+        return self.send(handler, 404, b"not found", "text/plain")
+
+    @staticmethod
+    def send(handler: BaseHTTPRequestHandler, status: int, body: bytes, kind: str = "image/jpeg") -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", kind)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join(timeout=10)
+
+
+@pytest.fixture()
+def server():
+    photo_server = PhotoServer()
+    yield photo_server
+    photo_server.stop()
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "vlmbatch-cache"
+    monkeypatch.setenv("VLMBATCH_CACHE", str(folder))
+    return folder / "images"
+
+
+def settings(**overrides) -> FetchSettings:
+    """Short timeouts and backoff so that failing tests fail fast; the cache from VLMBATCH_CACHE."""
+    return FetchSettings(**{"timeout": 0.5, "retries": 2, "workers": 4, "backoff": 0.01, **overrides})
+
+
+def fetched(urls, **overrides) -> list:
+    return [image for _, image in fetch_stream(urls, Url, settings(**overrides))]
+
+
+def test_the_cache_folder_follows_vlmbatch_cache(cache, monkeypatch, tmp_path):
+    assert default_cache_dir() == cache
+    monkeypatch.delenv("VLMBATCH_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "vlmbatch" / "images"
+
+
+def test_photos_are_fetched_in_order_cached_and_read_back_with_the_server_gone(server, cache):
+    urls = [server.url(f"/photo/{name}.jpg") for name in PHOTOS]
+    first = fetched(urls)
+    assert all(isinstance(path, str) and path.startswith(str(cache)) for path in first)
+    assert len(set(first)) == len(PHOTOS)
+    for name, path in zip(PHOTOS, first, strict=True):  # the bytes served, in the order asked
+        served = np.asarray(load_image(server.photos[name]))
+        assert np.array_equal(np.asarray(load_image(path)), served)
+    assert not list(cache.rglob("*.part"))  # nothing half written is left beside them
+    server.stop()
+    assert fetched(urls) == first
+    assert sum(server.hits.values()) == len(PHOTOS)  # the second pass asked nothing
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("/missing", "HTTP 404"),
+    ("/slow", "timed out after 0.3 s"),
+    ("/text", "not an image (not an image Pillow can identify)"),
+    ("/big", "over the size cap (more than 100,000 bytes)"),
+    ("/big-declared", "over the size cap (1,000,000 bytes > 100,000)"),
+])
+def test_each_failure_is_one_reason_and_nothing_is_cached(server, cache, path, reason):
+    good = server.url(f"/photo/{PHOTOS[0]}.jpg")
+    results = fetched([good, server.url(path), good], timeout=0.3, retries=1, max_bytes=100_000)
+    assert isinstance(results[0], str) and results[2] == results[0]
+    failure = results[1]
+    assert isinstance(failure, Unreadable)
+    assert failure.reason.startswith(f"cannot fetch {server.url(path)}: {reason}")
+    assert "\n" not in failure.reason
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == [results[0].rsplit("/", 1)[-1]]
+
+
+def test_only_failures_that_may_pass_are_tried_again(server, cache):
+    results = fetched([server.url("/missing"), server.url("/slow")], timeout=0.3, retries=2)
+    assert server.hits["/missing"] == 1  # a 404 stays a 404
+    assert server.hits["/slow"] == 3
+    assert results[1].reason.endswith("(after 3 tries)")
+
+
+def test_a_503_then_200_is_fetched_on_the_second_try(server, cache):
+    url = server.url(f"/flaky/{PHOTOS[1]}.jpg")
+    [path] = fetched([url])
+    assert server.hits[f"/flaky/{PHOTOS[1]}.jpg"] == 2
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(load_image(server.photos[PHOTOS[1]])))
+
+
+def test_fetches_run_together(server, cache):
+    """/together answers only while four requests wait at once: fetched one at a time, each fails."""
+    urls = [server.url(f"/together/{name}.jpg") for name in PHOTOS]
+    results = fetched(urls, workers=4, timeout=10, retries=0)
+    assert all(isinstance(path, str) for path in results)
+
+
+def test_the_window_ahead_is_bounded(server, cache):
+    pulled = []
+
+    def items():
+        for i in range(40):
+            pulled.append(i)
+            yield server.url(f"/photo/{PHOTOS[i % len(PHOTOS)]}.jpg")
+
+    stream = fetch_stream(items(), Url, settings(workers=2), ahead=5)
+    for given, _ in enumerate(stream, start=1):
+        assert len(pulled) - given <= 5
+    assert len(pulled) == 40
+
+
+def test_other_images_pass_through_untouched(server, cache, tmp_path):
+    photo = tmp_path / "local.jpg"
+    photo.write_bytes(server.photos[PHOTOS[0]])
+    refs = [str(photo), b"raw", Url(server.url(f"/photo/{PHOTOS[0]}.jpg"))]
+    results = [image for _, image in fetch_stream(refs, lambda ref: ref, settings())]
+    assert results[:2] == [str(photo), b"raw"] and results[2].startswith(str(cache))
+    assert not fetched([])
