@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from factory import real_photos
-from PIL import Image
 from typer.testing import CliRunner
 
 from vlmbatch.cli import app
@@ -215,3 +214,63 @@ def test_other_images_pass_through_untouched(server, cache, tmp_path):
     results = [image for _, image in fetch_stream(refs, lambda ref: ref, settings())]
     assert results[:2] == [str(photo), b"raw"] and results[2].startswith(str(cache))
     assert not fetched([])
+
+
+# --- caption / vqa: a manifest whose image column holds URLs -------------------------------------------
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
+
+
+def caption_rows(*args) -> dict[str, dict]:
+    result = runner.invoke(app, ["caption", *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = args[args.index("--out") + 1]
+    return {row["id"]: row for row in pq.read_table(out).to_pylist()}
+
+
+@pytest.mark.slow
+def test_a_url_manifest_is_captioned_with_fetch_images_and_each_failure_is_one_error_row(server, cache, tmp_path, ckpt):
+    good = [server.url(f"/photo/{name}.jpg") for name in PHOTOS]
+    bad = {"/missing": "HTTP 404", "/slow": "timed out after 0.5 s", "/text": "not an image",
+           "/big": "over the size cap"}
+    manifest = tmp_path / "urls.jsonl"
+    lines = [f'{{"url": "{url}"}}' for url in [*good[:2], *(server.url(path) for path in bad), *good[2:]]]
+    manifest.write_text("\n".join(lines) + "\n")
+    common = [manifest, "--model", ckpt, "--max-new-tokens", 4, "--workers", 0, "--quiet"]
+
+    refused = caption_rows(*common, "--out", tmp_path / "off.parquet")  # fetching is opt-in for caption
+    assert all("image URL not fetched" in row["error"] and "--fetch-images" in row["error"] for row in refused.values())
+
+    out = tmp_path / "caps.parquet"
+    fetch = ["--fetch-images", "--fetch-timeout", 0.5, "--fetch-retries", 1, "--max-image-bytes", 200_000]
+    rows = caption_rows(*common, *fetch, "--out", out)
+    assert set(rows) == {*good, *(server.url(path) for path in bad)}
+    for url in good:
+        assert rows[url]["error"] is None and rows[url]["caption"] is not None
+    for path, reason in bad.items():
+        row = rows[server.url(path)]
+        assert row["caption"] is None and row["error"].startswith(f"cannot fetch {server.url(path)}: {reason}")
+
+    # From the cache alone, with the server gone: the same captions (the failures are tried again, and fail).
+    server.stop()
+    again = caption_rows(*common, *fetch, "--out", tmp_path / "again.parquet")
+    assert {url: again[url]["caption"] for url in good} == {url: rows[url]["caption"] for url in good}
+    assert all(again[server.url(path)]["error"].startswith(f"cannot fetch {server.url(path)}: connection failed")
+               for path in bad)
+
+
+def test_fetch_flags_are_bounded_in_one_line(tmp_path):
+    manifest = tmp_path / "urls.jsonl"
+    manifest.write_text('{"url": "http://127.0.0.1:9/x.jpg"}\n')
+    for flag, value, message in [("--fetch-timeout", 0, "fetch_timeout must be more than 0 seconds, got 0.0"),
+                                 ("--fetch-workers", 0, "fetch_workers must be at least 1, got 0"),
+                                 ("--max-image-bytes", 0, "max_image_bytes must be at least 1, got 0"),
+                                 ("--fetch-retries", -1, "fetch_retries must be at least 0, got -1")]:
+        result = runner.invoke(app, ["caption", str(manifest), "--out", str(tmp_path / "o.parquet"), flag, str(value)])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output

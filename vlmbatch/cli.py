@@ -94,6 +94,14 @@ RayWorkersOpt = typer.Option(_JOB["ray_workers"], "--ray-workers", help="With --
                              "(an autoscaling pool). Default 1.")
 GpusPerWorkerOpt = typer.Option(_JOB["gpus_per_worker"], "--gpus-per-worker", help="With --ray: GPUs per worker "
                                 "(default 1 where the cluster has GPUs, else CPU workers sharing a node's cores).")
+FetchImagesOpt = typer.Option(_JOB["fetch_images"], "--fetch-images/--no-fetch-images", help="Fetch images given as "
+                              "http(s) URLs (a manifest's or dataset's url column) into the image cache "
+                              "($VLMBATCH_CACHE/images, default ~/.cache/vlmbatch/images); each that fails is an error row.")
+FetchTimeoutOpt = typer.Option(_JOB["fetch_timeout"], "--fetch-timeout", help="Seconds one try of one image may take.")
+FetchRetriesOpt = typer.Option(_JOB["fetch_retries"], "--fetch-retries", help="Tries after the first, with backoff, on "
+                               "connection errors, timeouts, HTTP 5xx, 408 and 429 (never on 404).")
+FetchWorkersOpt = typer.Option(_JOB["fetch_workers"], "--fetch-workers", help="Images fetched at once.")
+MaxImageBytesOpt = typer.Option(_JOB["max_image_bytes"], "--max-image-bytes", help="Largest image fetched, in bytes.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 
@@ -109,7 +117,10 @@ _JOB_FLAGS: dict[str, tuple[object, typer.models.OptionInfo]] = {
     "split": (Optional[str], SplitOpt), "image_column": (Optional[str], ImageColOpt),
     "id_column": (Optional[str], IdColOpt), "confine": (bool, ConfineOpt), "workers": (Optional[int], WorkersOpt),
     "flush_rows": (int, FlushOpt), "ray": (Optional[str], RayOpt), "ray_workers": (Optional[str], RayWorkersOpt),
-    "gpus_per_worker": (Optional[float], GpusPerWorkerOpt), "quiet": (bool, QuietOpt), "debug": (bool, DebugOpt),
+    "gpus_per_worker": (Optional[float], GpusPerWorkerOpt),
+    "fetch_images": (bool, FetchImagesOpt), "fetch_timeout": (float, FetchTimeoutOpt),
+    "fetch_retries": (int, FetchRetriesOpt), "fetch_workers": (int, FetchWorkersOpt),
+    "max_image_bytes": (int, MaxImageBytesOpt), "quiet": (bool, QuietOpt), "debug": (bool, DebugOpt),
 }
 
 

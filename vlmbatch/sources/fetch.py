@@ -27,13 +27,15 @@ import httpx
 from vlmbatch.errors import ImageDecodeError
 from vlmbatch.sources.images import load_image
 from vlmbatch.sources.records import ImageRef, Unreadable, Url
+from vlmbatch.spec import (
+    DEFAULT_FETCH_RETRIES,
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_FETCH_WORKERS,
+    DEFAULT_MAX_IMAGE_BYTES,
+)
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_RETRIES = 3
-DEFAULT_WORKERS = 16
-DEFAULT_MAX_BYTES = 20_000_000
 BACKOFF_S = 0.5  # the first retry's wait; each next one waits twice as long
 _RETRIED_STATUSES = frozenset({408, 429})
 _CHUNK = 64 * 1024
@@ -50,12 +52,12 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class FetchSettings:
-    """How images are fetched; the job's flags (spec.py holds their defaults and bounds)."""
+    """How images are fetched: the job's --fetch-* flags, whose defaults and bounds spec.py holds."""
 
-    timeout: float = DEFAULT_TIMEOUT_S  # seconds for one try, from the request to the last byte
-    retries: int = DEFAULT_RETRIES  # tries after the first, for failures that may pass
-    workers: int = DEFAULT_WORKERS  # fetches in flight
-    max_bytes: int = DEFAULT_MAX_BYTES
+    timeout: float = DEFAULT_FETCH_TIMEOUT_S  # seconds for one try, from the request to the last byte
+    retries: int = DEFAULT_FETCH_RETRIES  # tries after the first, for failures that may pass
+    workers: int = DEFAULT_FETCH_WORKERS  # fetches in flight
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     cache_dir: Path | None = None  # None: default_cache_dir()
     backoff: float = BACKOFF_S
 
