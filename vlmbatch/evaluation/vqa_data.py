@@ -17,12 +17,13 @@ from vlmbatch.evaluation.benchmarks import (
     ImageFinder,
     as_id,
     data_root,
-    dataset_images,
+    table_images,
     is_saved_dataset,
     load_dataset_split,
     read_json,
 )
 from vlmbatch.evaluation.metrics.vqa import VqaAnnotation
+from vlmbatch.evaluation.protocols import SERVER_SPLITS
 from vlmbatch.sources.records import ImageRef, Question
 
 
@@ -37,7 +38,10 @@ class VqaItem(VqaAnnotation):
 
 @dataclass
 class VqaSet(EvalSet[VqaItem]):
-    """A VQA benchmark split: questions with their human answers and images."""
+    """A VQA benchmark split: questions with their human answers and images. `answered` is False for a
+    split without public answers (test-dev, test-std): its answers go to the evaluation server."""
+
+    answered: bool = True
 
     def questions(self) -> list[Question]:
         """The questions as the VQA task takes them (`image` is the image's record id)."""
@@ -106,7 +110,8 @@ def _answer_texts(value: Any) -> tuple[str, ...]:
 def vqa_set_from_dataset(table: Any, split: str, source: str) -> VqaSet:
     """A VqaSet from a `datasets.Dataset` with question_id, question, answers (and image, types)."""
     columns = table.column_names
-    missing = [name for name in ("question_id", "question", "answers") if name not in columns]
+    answered = split not in SERVER_SPLITS  # whatever a copy holds there, nothing public to score against
+    missing = [name for name in ("question_id", "question", "answers")[:3 if answered else 2] if name not in columns]
     if missing:
         raise VlmbatchError(f"{source} lacks the column(s) {', '.join(missing)} a VQA dataset needs")
     image_column = "image" if "image" in columns else None
@@ -117,16 +122,17 @@ def vqa_set_from_dataset(table: Any, split: str, source: str) -> VqaSet:
         image_id = as_id(row["image_id"]) if row.get("image_id") is not None else f"row{index}"
         first_rows.setdefault(image_id, index)
         items.append(VqaItem(
-            question_id=as_id(row["question_id"]), answers=_answer_texts(row["answers"]),
+            question_id=as_id(row["question_id"]), answers=_answer_texts(row["answers"]) if answered else (),
             answer_type=row.get("answer_type") or "unknown", question_type=row.get("question_type") or "unknown",
             image_id=image_id, question=row["question"]))
-    images = dataset_images(table, image_column, first_rows) if image_column else None
-    return VqaSet("vqav2", split, source, image_source=images, items=items)
+    images = table_images(table, first_rows)
+    return VqaSet("vqav2", split, source, image_source=images, items=items, answered=answered)
 
 
 def load_vqa_set(data: str | os.PathLike | None = None, split: str | None = None) -> VqaSet:
     """Load VQAv2: a folder with the official question/annotation pair (and images), either file of the pair,
-    a `save_to_disk` dataset, or a Hub dataset id (None: the default Hub dataset, split "validation")."""
+    a `save_to_disk` dataset, or a Hub dataset id (None: the default Hub dataset, split "validation").
+    "test-dev" and "test-std" name the Hub's "testdev" and "test" splits, questions without answers."""
     source = str(data) if data is not None else DEFAULT_HUB_DATASETS["vqav2"]
     path = Path(source)
     if path.is_file():
@@ -136,4 +142,4 @@ def load_vqa_set(data: str | os.PathLike | None = None, split: str | None = None
         items = parse_vqa(read_json(questions), read_json(annotations), _vqa_image_finder(path, subtype))
         return VqaSet("vqav2", subtype, str(path), items=items)
     split = split or DEFAULT_SPLITS["vqav2"]
-    return vqa_set_from_dataset(load_dataset_split(source, split), split, source)
+    return vqa_set_from_dataset(load_dataset_split(source, SERVER_SPLITS.get(split, split)), split, source)
