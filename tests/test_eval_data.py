@@ -19,7 +19,7 @@ from vlmbatch.evaluation.predictions import (
     load_vqa_predictions,
 )
 from vlmbatch.evaluation.vqa_data import load_vqa_set
-from vlmbatch.sources.records import Question
+from vlmbatch.sources.records import Question, Url
 
 COCO_IDS = (42, 73, 74, 133)
 COCO_SPLITS = {42: "test", 73: "test", 74: "val", 133: "restval"}
@@ -367,3 +367,23 @@ def test_vqa_predictions_parquet_and_json(vqa_folder, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"question_id": 73000, "answer": "red"}]))
     assert load_vqa_predictions(results).texts == {"73000": "red"}
+
+
+def test_a_caption_table_with_image_urls_gives_url_images(tmp_path):
+    datasets.Dataset.from_dict({
+        "cocoid": [7, 8], "split": ["test", "test"], "sentences": [["a cat"], ["a dog"]],
+        "url": ["http://images.example/7.jpg", "not a url"],
+    }).save_to_disk(str(tmp_path / "urls"))
+    bench = load_caption_set("coco", tmp_path / "urls")
+    assert bench.has_images()
+    assert [(r.id, r.image) for r in bench.records()] == [("7", Url("http://images.example/7.jpg"))]
+
+
+def test_vqav2_test_splits_are_questions_without_answers(tmp_path):
+    datasets.Dataset.from_dict({"question_id": [1, 2], "question": ["What?", "Who?"], "image_id": [3, 3]}
+                               ).save_to_disk(str(tmp_path / "testdev"))
+    bench = load_vqa_set(tmp_path / "testdev", "test-dev")
+    assert (bench.split, bench.answered) == ("test-dev", False)
+    assert [(item.question_id, item.answers) for item in bench.items] == [("1", ()), ("2", ())]
+    with pytest.raises(VlmbatchError, match="lacks the column.s. answers a VQA dataset needs"):
+        load_vqa_set(tmp_path / "testdev", "validation")  # a split that has public answers must hold them

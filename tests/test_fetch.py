@@ -216,6 +216,17 @@ def test_other_images_pass_through_untouched(server, cache, tmp_path):
     assert not fetched([])
 
 
+def test_a_manifest_url_column_is_read_as_urls(tmp_path):
+    from vlmbatch.sources.open import open_source
+
+    manifest = tmp_path / "urls.jsonl"
+    manifest.write_text('{"url": "https://example.org/a.jpg", "alt": "x"}\n{"url": "local.jpg", "alt": "y"}\n')
+    records = list(open_source(str(manifest)))
+    assert [r.id for r in records] == ["https://example.org/a.jpg", "local.jpg"]
+    assert records[0].image == Url("https://example.org/a.jpg") and records[0].version is None
+    assert records[1].image == str(tmp_path / "local.jpg")  # a path beside the manifest, as before
+
+
 # --- caption / vqa: a manifest whose image column holds URLs -------------------------------------------
 
 runner = CliRunner()

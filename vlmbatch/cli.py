@@ -218,7 +218,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
   vlmbatch eval --dataset coco --data dataset_coco.json --predictions caps.parquet      (score only)\n
   vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --limit 200              (a quick check)\n
   vlmbatch eval --provision-spice                                                       (fetch SPICE's CoreNLP jars)\n
-Without --data: coco is yerevann/coco-karpathy split test (Karpathy test, 5,000 images, fetched from their \
+Without --data, each benchmark reads: coco yerevann/coco-karpathy split test (Karpathy test, 5,000 images, fetched from their \
 URLs), flickr30k umaru97/flickr30k_train_val_test split test (Karpathy test, 1,000 images), vqav2 \
 lmms-lab/VQAv2 split validation (val2014, 214,354 questions); --split test-dev or test-std writes the results \
 JSON for the VQA evaluation server instead of scores. Generation follows big_vision's PaliGemma transfer \
