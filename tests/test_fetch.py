@@ -285,3 +285,18 @@ def test_fetch_flags_are_bounded_in_one_line(tmp_path):
         result = runner.invoke(app, ["caption", str(manifest), "--out", str(tmp_path / "o.parquet"), flag, str(value)])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
         assert "Traceback" not in result.output
+
+
+def test_a_half_written_file_left_by_a_killed_run_is_not_taken_for_the_image(server, cache):
+    """A run killed while writing leaves at most a temporary `.part` beside the cache's files: the image is
+    fetched again, whole, and the `.part` never read."""
+    from vlmbatch.sources.fetch import Fetcher
+
+    url = server.url(f"/photo/{PHOTOS[2]}.jpg")
+    final = Fetcher(settings()).cached_path(url)
+    final.parent.mkdir(parents=True)
+    half = final.parent / f".{final.name}.x1y2.part"
+    half.write_bytes(server.photos[PHOTOS[2]][:100])
+    [path] = fetched([url])
+    assert path == str(final) and final.read_bytes() == server.photos[PHOTOS[2]]
+    assert server.hits[f"/photo/{PHOTOS[2]}.jpg"] == 1

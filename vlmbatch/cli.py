@@ -266,7 +266,8 @@ def eval_(
         protocol = PROTOCOLS[dataset]  # what a flag left out means, for this benchmark
         prompt = protocol.prompt if prompt is None else prompt
         max_new_tokens = protocol.max_new_tokens if max_new_tokens is None else max_new_tokens
-        num_beams = protocol.num_beams if num_beams is None else num_beams
+        if num_beams is None:  # sampling asked for: beams (which exclude it) are no default then
+            num_beams = 1 if temperature > 0 else protocol.num_beams
         generation = _generation(max_new_tokens, num_beams, temperature, top_p, seed)
         # Built now, so that a flag out of bounds is refused before the dataset loads; generate() completes it.
         flags = JobSpec(task="caption", source=data or dataset, out=Path(), model=model, batch_size=batch_size,
