@@ -442,6 +442,10 @@ def _run(job: Job, quiet: bool) -> Summary:
         console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "
                       f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')}{fast_path})",
                       highlight=False)
+        if spec.fetch_images:
+            from vlmbatch.sources.fetch import default_cache_dir
+
+            console.print(f"images given as URLs are fetched into {default_cache_dir()}", highlight=False)
     with _progress(job, quiet) as update:
         summary = job.run(update)
     if not quiet:
