@@ -40,7 +40,7 @@ class PhotoServer:
     """A threaded HTTP server on 127.0.0.1 serving the test photos and misbehaving on purpose:
     /photo/NAME.jpg, /missing (404), /slow (answers after SLOW_S), /text (not an image), /big and
     /big-declared (over any small cap; without and with Content-Length), /flaky/NAME.jpg (503, then the
-    photo), /together/NAME.jpg (answers only once 4 requests wait together). `hits` counts requests."""
+    photo), /busy/NAME.jpg (429 with Retry-After: 1, then the photo), /together/NAME.jpg (answers only once 4 requests wait together). `hits` counts requests."""
 
     def __init__(self):
         self.hits: Counter[str] = Counter()
@@ -77,6 +77,14 @@ class PhotoServer:
                 self.barrier.wait()
             except threading.BrokenBarrierError:
                 return self.send(handler, 500, b"alone")
+            return self.send(handler, 200, self.photos[name])
+        if path.startswith("/busy/") and name in self.photos:  # 429 asking for a second's rest, then the photo
+            if self.hits[path] == 1:
+                handler.send_response(429)
+                handler.send_header("Retry-After", "1")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return None
             return self.send(handler, 200, self.photos[name])
         if path == "/slow":
             time.sleep(SLOW_S)
@@ -157,7 +165,7 @@ def test_photos_are_fetched_in_order_cached_and_read_back_with_the_server_gone(s
 @pytest.mark.parametrize("path, reason", [
     ("/missing", "HTTP 404"),
     ("/slow", "timed out after 0.3 s"),
-    ("/text", "not an image (not an image Pillow can identify)"),
+    ("/text", "not an image Pillow can identify"),
     ("/big", "over the size cap (more than 100,000 bytes)"),
     ("/big-declared", "over the size cap (1,000,000 bytes > 100,000)"),
 ])
@@ -184,6 +192,13 @@ def test_a_503_then_200_is_fetched_on_the_second_try(server, cache):
     [path] = fetched([url])
     assert server.hits[f"/flaky/{PHOTOS[1]}.jpg"] == 2
     assert np.array_equal(np.asarray(load_image(path)), np.asarray(load_image(server.photos[PHOTOS[1]])))
+
+
+def test_a_429_is_tried_again_after_the_servers_retry_after(server, cache):
+    started = time.monotonic()
+    [path] = fetched([server.url(f"/busy/{PHOTOS[0]}.jpg")])  # a backoff of 0.01 s, but the server asks 1 s
+    assert isinstance(path, str) and server.hits[f"/busy/{PHOTOS[0]}.jpg"] == 2
+    assert time.monotonic() - started >= 1.0
 
 
 def test_fetches_run_together(server, cache):

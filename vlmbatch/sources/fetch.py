@@ -3,7 +3,7 @@
 `fetch_stream` passes a stream of items on in order, each `Url` replaced by its cached file (or by an
 `Unreadable` saying in one line why not), while a bounded pool of threads fetches the next ones: memory
 stays flat whatever the source's length. A fetch retries connection errors, timeouts, 5xx, 408 and 429
-with exponential backoff, stops reading past the size cap, and caches only what Pillow decodes, under a
+with exponential backoff (or the server's Retry-After), stops reading past the size cap, and caches only what Pillow decodes, under a
 name hashed from the URL, written to a temporary name and renamed: a killed run leaves no half file, and
 a later run, with the server gone or not, reads the cache.
 """
@@ -37,6 +37,7 @@ from vlmbatch.spec import (
 T = TypeVar("T")
 
 BACKOFF_S = 0.5  # the first retry's wait; each next one waits twice as long
+MAX_RETRY_AFTER_S = 60.0  # a server's Retry-After is honoured up to this: a run is not parked for hours
 _RETRIED_STATUSES = frozenset({408, 429})
 _CHUNK = 64 * 1024
 
@@ -63,7 +64,12 @@ class FetchSettings:
 
 
 class _Retry(Exception):
-    """A failure worth another try (the reason in one line)."""
+    """A failure worth another try (the reason in one line); `wait`: how long the server asked to be left
+    alone (Retry-After), if it said."""
+
+    def __init__(self, reason: str, wait: float | None = None):
+        super().__init__(reason)
+        self.wait = wait
 
 
 class _Fail(Exception):
@@ -109,11 +115,12 @@ class Fetcher:
                 if attempt + 1 == tries:
                     after = f" (after {tries} tries)" if tries > 1 else ""
                     return Unreadable(f"cannot fetch {url}: {exc}{after}")
-                time.sleep(self.settings.backoff * 2 ** attempt)
+                backoff = self.settings.backoff * 2 ** attempt
+                time.sleep(backoff if exc.wait is None else min(max(exc.wait, backoff), MAX_RETRY_AFTER_S))
         try:
             load_image(data)  # only an image Pillow decodes is cached
-        except ImageDecodeError as exc:
-            return Unreadable(f"cannot fetch {url}: not an image ({exc})")
+        except ImageDecodeError as exc:  # "not an image Pillow can identify", "cannot decode image: ..."
+            return Unreadable(f"cannot fetch {url}: {exc}")
         try:
             _write_new(path, data)
         except OSError as exc:
@@ -126,7 +133,7 @@ class Fetcher:
             with self._client.stream("GET", url) as response:
                 status = response.status_code
                 if status >= 500 or status in _RETRIED_STATUSES:
-                    raise _Retry(f"HTTP {status}")
+                    raise _Retry(f"HTTP {status}", _seconds(response.headers.get("retry-after", "")))
                 if status != 200:
                     raise _Fail(f"HTTP {status}")
                 declared = response.headers.get("content-length", "")
@@ -149,6 +156,11 @@ class Fetcher:
         if not size:
             raise _Fail("empty response")
         return b"".join(chunks)
+
+
+def _seconds(retry_after: str) -> float | None:
+    """A Retry-After given in seconds; its other form, an HTTP date, is left to the backoff."""
+    return float(retry_after) if retry_after.strip().isdigit() else None
 
 
 def _write_new(path: Path, data: bytes) -> None:
