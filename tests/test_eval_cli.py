@@ -215,6 +215,11 @@ def test_coco_with_only_a_model_fetches_the_karpathy_test_images_scores_and_read
     assert sorted(rows) == ["1", "2", "3", "4", "5"]
     assert rows["5"]["error"] == f"cannot fetch {urls[4]}: HTTP 404"
     assert server.hits["/missing"] == 1
+    # Resumed: only the failed image is asked for again; the captioned ones are not fetched at all.
+    photo_hits = sum(n for path, n in server.hits.items() if path.startswith("/photo/"))
+    invoke("eval", "--dataset", "coco", "--model", ckpt, "--out", scores, "--metrics", "bleu", "--workers", 0, "--quiet")
+    assert sum(n for path, n in server.hits.items() if path.startswith("/photo/")) == photo_hits == 4
+    assert server.hits["/missing"] == 2
     # The server gone: the same command, afresh, reads every image from the cache and says the same.
     server.stop()
     again = tmp_path / "again.json"
