@@ -5,6 +5,8 @@ reason; retries; a bounded window. The CLI end to end is in test_eval_cli.py and
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -315,3 +317,30 @@ def test_a_half_written_file_left_by_a_killed_run_is_not_taken_for_the_image(ser
     [path] = fetched([url])
     assert path == str(final) and final.read_bytes() == server.photos[PHOTOS[2]]
     assert server.hits[f"/photo/{PHOTOS[2]}.jpg"] == 1
+
+
+def test_a_run_stopped_early_exits_without_waiting_for_the_fetches_in_flight(server, cache):
+    """A process that stops reading the stream (as a run stopped by Ctrl-C or --limit does) with four slow
+    fetches in flight exits at once, not when the server answers them."""
+    code = (
+        "import sys\n"
+        "from vlmbatch.sources.fetch import FetchSettings, fetch_stream\n"
+        "from vlmbatch.sources.records import Url\n"
+        "urls = [sys.argv[1]] + [sys.argv[2]] * 4\n"
+        "stream = fetch_stream(urls, Url, FetchSettings(timeout=60, retries=0, workers=4))\n"
+        "print(next(stream)[1], flush=True)\n"
+        "stream.close()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, server.url(f"/photo/{PHOTOS[0]}.jpg"), server.url("/slow")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = child.stdout.readline()
+        started = time.monotonic()  # from the stop on: the interpreter's start-up is not what is measured
+        assert child.wait(timeout=60) == 0, child.stderr.read()
+        exited = time.monotonic() - started
+    finally:
+        child.kill()
+        child.communicate()
+    assert first.startswith(str(cache))  # the first image came through, into the cache the test set
+    assert server.hits["/slow"] >= 1  # fetches of /slow were in flight when it stopped
+    assert exited < SLOW_S / 2

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -183,7 +184,7 @@ def fetch_stream(items: Iterable[T], ref: Callable[[T], ImageRef], settings: Fet
     path, or an `Unreadable`). At most `ahead` (default 2 x workers) items are held, fetched or in flight."""
     fetcher = Fetcher(settings)
     window = ahead or 2 * settings.workers
-    pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="vlmbatch-fetch")
+    pool = _DaemonPool(settings.workers)
     pending: deque[tuple[T, Future | ImageRef]] = deque()
     try:
         for item in items:
@@ -197,16 +198,42 @@ def fetch_stream(items: Iterable[T], ref: Callable[[T], ImageRef], settings: Fet
         for _, job in pending:
             if isinstance(job, Future):
                 job.cancel()
-        # Fetches in flight end within their timeout; a stopped run does not wait for them.
-        pool.shutdown(wait=False, cancel_futures=True)
-        threading.Thread(target=_close_after, args=(pool, fetcher), daemon=True).start()
+        pool.shutdown()  # the fetches in flight finish on their own, or not at all if the process ends
+        fetcher.close()  # their retries, if any, then fail at once
+
+
+class _DaemonPool:
+    """Threads taking fetches from a queue, as an executor would, but daemon ones: a run that stops (Ctrl-C,
+    SIGTERM, --limit) exits at once, where an executor's threads are joined at exit, each holding it until
+    its fetch in flight answers or times out."""
+
+    def __init__(self, workers: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = workers
+        for index in range(workers):
+            threading.Thread(target=self._work, name=f"vlmbatch-fetch-{index}", daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        for _ in range(self._workers):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():  # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever reads the result, as an executor does
+                future.set_exception(exc)
 
 
 def _ready(entry: tuple[T, Future | ImageRef]) -> tuple[T, ImageRef]:
     item, job = entry
     return item, job.result() if isinstance(job, Future) else job
 
-
-def _close_after(pool: ThreadPoolExecutor, fetcher: Fetcher) -> None:
-    pool.shutdown(wait=True)
-    fetcher.close()
