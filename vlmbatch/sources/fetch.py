@@ -3,9 +3,9 @@
 `fetch_stream` passes a stream of items on in order, each `Url` replaced by its cached file (or by an
 `Unreadable` saying in one line why not), while a bounded pool of threads fetches the next ones: memory
 stays flat whatever the source's length. A fetch retries connection errors, timeouts, 5xx, 408 and 429
-with exponential backoff (or the server's Retry-After), stops reading past the size cap, and caches only what Pillow decodes, under a
-name hashed from the URL, written to a temporary name and renamed: a killed run leaves no half file, and
-a later run, with the server gone or not, reads the cache.
+with exponential backoff (or the server's Retry-After), stops reading past the size cap, and caches only
+what Pillow decodes, under a name hashed from the URL, written to a temporary name and renamed: a killed
+run leaves no half file, and a later run, with the server gone or not, reads the cache.
 """
 
 from __future__ import annotations
