@@ -387,3 +387,26 @@ def test_vqav2_test_splits_are_questions_without_answers(tmp_path):
     assert [(item.question_id, item.answers) for item in bench.items] == [("1", ()), ("2", ())]
     with pytest.raises(VlmbatchError, match="lacks the column.s. answers a VQA dataset needs"):
         load_vqa_set(tmp_path / "testdev", "validation")  # a split that has public answers must hold them
+
+
+def test_flickr30k_default_is_the_karpathy_test_split_with_embedded_images(monkeypatch, hub_answers):
+    """Shaped as umaru97/flickr30k_train_val_test: image, caption (five), sentids, split, img_id, filename."""
+    calls = []
+    table = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (8, 8), (n * 60, 0, 0)) for n in range(2)],
+         "caption": [refs_for("1000092795"), refs_for("10002456")], "sentids": [["0"], ["5"]],
+         "split": ["test", "test"], "img_id": ["0", "1"], "filename": ["1000092795.jpg", "10002456.jpg"]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
+                                    "sentids": datasets.Sequence(datasets.Value("string")),
+                                    "split": datasets.Value("string"), "img_id": datasets.Value("string"),
+                                    "filename": datasets.Value("string")}))
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split))
+        return table
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    bench = load_caption_set("flickr30k")
+    assert calls == [("umaru97/flickr30k_train_val_test", "test")]
+    assert bench.references() == {"1000092795": refs_for("1000092795"), "10002456": refs_for("10002456")}
+    assert [(r.id, type(r.image)) for r in bench.records()] == [("1000092795", bytes), ("10002456", bytes)]
