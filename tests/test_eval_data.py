@@ -410,3 +410,21 @@ def test_flickr30k_default_is_the_karpathy_test_split_with_embedded_images(monke
     assert calls == [("umaru97/flickr30k_train_val_test", "test")]
     assert bench.references() == {"1000092795": refs_for("1000092795"), "10002456": refs_for("10002456")}
     assert [(r.id, type(r.image)) for r in bench.records()] == [("1000092795", bytes), ("10002456", bytes)]
+
+
+def test_vqav2_test_dev_from_the_official_questions_file(tmp_path):
+    """A folder as downloaded from visualqa.org: the test-dev questions (no annotations), test2015/ images."""
+    root = tmp_path / "vqav2"
+    (root / "test2015").mkdir(parents=True)
+    (root / "test2015" / "COCO_test2015_000000000001.jpg").write_bytes(jpeg_bytes((9, 9, 9)))
+    (root / "questions").mkdir()
+    (root / "questions" / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(json.dumps({"questions": [
+        {"image_id": 1, "question": "What is it?", "question_id": 1000},
+        {"image_id": 1, "question": "Is it big?", "question_id": 1001}]}))
+    bench = load_vqa_set(root, "test-dev")
+    assert (bench.split, bench.answered, len(bench.items)) == ("test-dev", False, 2)
+    assert bench.items[0].image == root / "test2015" / "COCO_test2015_000000000001.jpg"
+    assert [r.id for r in bench.records()] == ["1"]
+    with pytest.raises(VlmbatchError, match="no v2_OpenEnded_mscoco_test2015_questions.json in .*the official "
+                                            "VQAv2 test-std questions are needed"):
+        load_vqa_set(root, "test-std")

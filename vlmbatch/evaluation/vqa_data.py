@@ -23,7 +23,7 @@ from vlmbatch.evaluation.benchmarks import (
     read_json,
 )
 from vlmbatch.evaluation.metrics.vqa import VqaAnnotation
-from vlmbatch.evaluation.protocols import SERVER_SPLITS
+from vlmbatch.evaluation.protocols import SERVER_FILE_SPLITS, SERVER_SPLITS
 from vlmbatch.sources.records import ImageRef, Question
 
 
@@ -68,9 +68,14 @@ def parse_vqa(questions: Mapping[str, Any], annotations: Mapping[str, Any],
     return items
 
 
+def _annotation_dirs(folder: Path) -> list[Path]:
+    """Where the official files sit in a VQAv2 folder: in it, or in its questions/ and annotations/."""
+    return [folder, folder / "questions", folder / "annotations", folder / "Questions", folder / "Annotations"]
+
+
 def _find_vqa_pair(folder: Path, split: str | None) -> tuple[Path, Path, str]:
     """(questions file, annotations file, subtype) in a folder or its questions/ and annotations/ subfolders."""
-    pattern_dirs = [folder, folder / "questions", folder / "annotations", folder / "Questions", folder / "Annotations"]
+    pattern_dirs = _annotation_dirs(folder)
     questions = {p.name[len("v2_OpenEnded_mscoco_"):-len("_questions.json")]: p
                  for d in pattern_dirs for p in sorted(d.glob("v2_OpenEnded_mscoco_*_questions.json"))}
     annotations = {p.name[len("v2_mscoco_"):-len("_annotations.json")]: p
@@ -88,6 +93,20 @@ def _find_vqa_pair(folder: Path, split: str | None) -> tuple[Path, Path, str]:
     else:
         raise VlmbatchError(f"{folder} has no VQAv2 files for split {split!r} (it has: {', '.join(subtypes)})")
     return questions[subtype], annotations[subtype], subtype
+
+
+def _server_questions(folder: Path, split: str) -> VqaSet:
+    """test-dev or test-std from the official questions file (there are no annotations), the images in
+    test2015/ (test-dev's are a part of test2015's)."""
+    name = f"v2_OpenEnded_mscoco_{SERVER_FILE_SPLITS[SERVER_SPLITS[split]]}_questions.json"
+    found = next((d / name for d in _annotation_dirs(folder) if (d / name).is_file()), None)
+    if found is None:
+        raise VlmbatchError(f"no {name} in {folder}: the official VQAv2 {split} questions are needed")
+    image_path = _vqa_image_finder(folder, "test2015")
+    items = [VqaItem(question_id=as_id(q["question_id"]), answers=(), answer_type="unknown", question_type="unknown",
+                     image_id=as_id(q["image_id"]), question=q["question"], image=image_path(as_id(q["image_id"])))
+             for q in read_json(found)["questions"]]
+    return VqaSet("vqav2", split, str(folder), items=items, answered=False)
 
 
 def _vqa_image_finder(root: Path, subtype: str) -> Callable[[str], Path | None]:
@@ -132,11 +151,14 @@ def vqa_set_from_dataset(table: Any, split: str, source: str) -> VqaSet:
 def load_vqa_set(data: str | os.PathLike | None = None, split: str | None = None) -> VqaSet:
     """Load VQAv2: a folder with the official question/annotation pair (and images), either file of the pair,
     a `save_to_disk` dataset, or a Hub dataset id (None: the default Hub dataset, split "validation").
-    "test-dev" and "test-std" name the Hub's "testdev" and "test" splits, questions without answers."""
+    "test-dev" and "test-std" (questions without answers) name the Hub's "testdev" and "test" splits, or
+    a folder's official questions file for them."""
     source = str(data) if data is not None else DEFAULT_HUB_DATASETS["vqav2"]
     path = Path(source)
     if path.is_file():
         path = data_root(path)
+    if path.is_dir() and not is_saved_dataset(path) and split in SERVER_SPLITS:
+        return _server_questions(path, split)
     if path.is_dir() and not is_saved_dataset(path):
         questions, annotations, subtype = _find_vqa_pair(path, split)
         items = parse_vqa(read_json(questions), read_json(annotations), _vqa_image_finder(path, subtype))
