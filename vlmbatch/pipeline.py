@@ -14,7 +14,7 @@ import math
 import os
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping
 
@@ -344,7 +344,10 @@ class Job:
         completions complete; what cannot go to the engine becomes an error row on `errors`."""
         size = self.config.vision.image_size
         sizes = (size, self.scorer.image_size) if self.scorer else size  # one decode serves both models
-        decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image, sizes,
+        todo = self.items(done, summary, failed)
+        if self.spec.fetch_images:
+            todo = self._fetched(todo)
+        decoded = decode_stream(todo, lambda item: item.record.image, sizes,
                                 self.decode_workers)
         for item, pixels in decoded:
             summary.images += 1
@@ -365,6 +368,18 @@ class Job:
                 rows[key] = {**row, _EMBED: embed} if self.scorer else row
             if prompts:
                 yield ImageWork(pixels, prompts, context=rows)
+
+    def _fetched(self, items: Iterator[_Item]) -> Iterator[_Item]:
+        """`items` with each image given as a URL replaced by its cached file, or by the reason it could
+        not be fetched (its rows' error); fetched ahead by a bounded pool (`sources.fetch`). Only images
+        with rows still to make are fetched: a resumed run asks nothing for the images it has done."""
+        from vlmbatch.sources.fetch import FetchSettings, fetch_stream  # httpx, for the runs that fetch
+
+        spec = self.spec
+        settings = FetchSettings(timeout=spec.fetch_timeout, retries=spec.fetch_retries, workers=spec.fetch_workers,
+                                 max_bytes=spec.max_image_bytes)
+        for item, image in fetch_stream(items, lambda item: item.record.image, settings):
+            yield _Item(replace(item.record, image=image), item.prompts)
 
     def _engine_prompts(self, item: _Item) -> list[tuple[tuple, str, list[int], dict, str | None]]:
         """Per prompt of `item`: its key, its text, its token ids, the row its completion fills in, and

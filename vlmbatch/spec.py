@@ -28,7 +28,12 @@ DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a 
 
 # The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
 AT_LEAST = {"max_new_tokens": 1, "num_beams": 1, "temperature": 0, "batch_size": 1, "limit": 1, "flush_rows": 1,
-            "workers": 0, "gpus_per_worker": 0}
+            "workers": 0, "gpus_per_worker": 0, "fetch_retries": 0, "fetch_workers": 1, "max_image_bytes": 1}
+# --fetch-images (vlmbatch.sources.fetch): seconds per try, tries after the first, fetches in flight, bytes.
+DEFAULT_FETCH_TIMEOUT_S = 30.0
+DEFAULT_FETCH_RETRIES = 3
+DEFAULT_FETCH_WORKERS = 16
+DEFAULT_MAX_IMAGE_BYTES = 20_000_000
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -57,6 +62,8 @@ def _check_bound(name: str, value) -> None:
         raise SpecError(f"{name} must be at least {AT_LEAST[name]}, got {value!r}")
     if name == "top_p" and not 0 < value <= 1:
         raise SpecError(f"top_p must be in (0, 1], got {value!r}")
+    if name == "fetch_timeout" and not value > 0:
+        raise SpecError(f"fetch_timeout must be more than 0 seconds, got {value!r}")
 
 
 def _coerce(name: str, value, hint):
@@ -215,6 +222,11 @@ class JobSpec:
     ray_workers: str | None = None  # engine actors: "N", or "MIN-MAX" for an autoscaling pool (default 1)
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else CPU workers; 0: CPU workers
     score_with: str | None = None  # caption: a SigLIP checkpoint scoring each new caption as it is written
+    fetch_images: bool = False  # images given as http(s) URLs are fetched into the image cache (sources.fetch)
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S
+    fetch_retries: int = DEFAULT_FETCH_RETRIES
+    fetch_workers: int = DEFAULT_FETCH_WORKERS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def __post_init__(self):
         _validate(self)
@@ -224,6 +236,8 @@ class JobSpec:
             raise SpecError("ray_workers and gpus_per_worker need ray (--ray auto or an address)")
         if self.ray is not None and self.devices is not None:
             raise SpecError("ray and devices exclude each other: on a cluster use ray_workers")
+        if self.ray is not None and self.fetch_images:  # the driver's cache is no path on the workers' nodes
+            raise SpecError("fetch_images is not supported with ray yet: fetch the images first, e.g. with img2dataset")
         self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
         if self.lang is not None and self.task != "caption":
             raise SpecError("lang takes caption languages: it needs the caption task")
