@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping
@@ -24,7 +25,7 @@ import torch
 from vlmbatch import __version__
 from vlmbatch.engine.devices import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.engine.scheduler import Completion, Engine, ImageWork
-from vlmbatch.errors import VlmbatchError
+from vlmbatch.errors import VlmbatchError, VlmbatchWarning
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
 from vlmbatch.model.loading import (
     Checkpoint,
@@ -42,11 +43,11 @@ from vlmbatch.model.memory import (
 )
 from vlmbatch.model.processor import Processor
 from vlmbatch.sinks.outputs import is_folder_output, open_sink, written_paths
-from vlmbatch.sources.decode import decode_stream
+from vlmbatch.sources.decode import decode_one, decode_stream, decode_with_size
 from vlmbatch.sources.open import open_source
 from vlmbatch.sources.questions import group_by_image, load_questions
 from vlmbatch.sources.records import ImageRecord, Question, Source, readable
-from vlmbatch.spec import JobSpec
+from vlmbatch.spec import DETECTION_TASKS, JobSpec
 
 SINGLE_QUESTION_ID = "0"
 MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
@@ -61,6 +62,13 @@ _COMMON_FIELDS = [
 CAPTION_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("caption", pa.string()), *_COMMON_FIELDS])
 VQA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("question_id", pa.string()),
                         pa.field("question", pa.string()), pa.field("answer", pa.string()), *_COMMON_FIELDS])
+
+
+def detection_schema(task: str) -> pa.Schema:
+    """detect / segment rows: id, the answer's text, its objects (vlmbatch.detection.objects), the rest."""
+    from vlmbatch.detection.objects import fields
+
+    return pa.schema([pa.field("id", pa.string()), *fields(task), *_COMMON_FIELDS])
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -172,9 +180,10 @@ class Job:
         check_weights(self.checkpoint, shapes)  # the weights themselves load once an image needs them
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
+        self.objects, self.vae_fingerprint = self._object_columns()
+        schema = {"caption": CAPTION_SCHEMA, "vqa": VQA_SCHEMA}.get(spec.task) or detection_schema(spec.task)
         self.sink = open_sink(
-            spec.out, CAPTION_SCHEMA if spec.task == "caption" else VQA_SCHEMA,
-            key=("id",) if spec.task == "caption" else ("id", "question_id"),
+            spec.out, schema, key=("id", "question_id") if spec.task == "vqa" else ("id",),
             failure_column="error", version_column="image_version",
             settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite, recover=spec.recover,
             flush_rows=spec.flush_rows)
@@ -211,6 +220,21 @@ class Job:
                  f"KV cache ({slots} slots x {max_len} tokens{each})": cache, "runtime": overhead}
         raise not_enough(self.device, needs, available, remedy)
 
+    def _object_columns(self):
+        """detect / segment: what fills in each row's objects, and the mask VAE's fingerprint (None
+        without one); (None, None) for other tasks. A bad --vae file stops the job here, in one line."""
+        if self.spec.task not in DETECTION_TASKS:
+            return None, None
+        from vlmbatch.detection.objects import ObjectColumns
+        from vlmbatch.detection.vae import fingerprint, load_vae
+
+        masks = load_vae(self.spec.vae) if self.spec.vae is not None else None
+        if self.spec.task == "segment" and masks is None:
+            warnings.warn("no --vae given: the <seg> codes are kept (seg_codes) and every mask is null; "
+                          "pass --vae vae-oid.npz for masks", VlmbatchWarning, stacklevel=2)
+        columns = ObjectColumns(self.spec.task, self.processor.decode, masks)
+        return columns, fingerprint(masks) if masks is not None else None
+
     def _questions(self) -> dict[str, list[Question]] | None:
         spec = self.spec
         if spec.task != "vqa":
@@ -226,9 +250,10 @@ class Job:
         fingerprint, not the name it was given: a relative path, an absolute one and a Hub id of the
         same weights resume one another's output (the name is kept in the metadata)."""
         spec = self.spec
-        prompt = {"prompt": spec.prompt} if spec.task == "caption" else {"prompt_template": spec.prompt_template}
+        prompt = {"prompt_template": spec.prompt_template} if spec.task == "vqa" else {"prompt": spec.task_prompt}
+        masks = {"vae": self.vae_fingerprint} if spec.task == "segment" else {}
         return {"task": spec.task, "weights": self.fingerprint, "dtype": str(self.dtype),
-                **prompt, "generation": spec.generation.as_dict()}
+                **prompt, **masks, "generation": spec.generation.as_dict()}
 
     def metadata(self) -> dict[str, str]:
         return {"vlmbatch.version": __version__, "vlmbatch.model": self.spec.model,
@@ -270,8 +295,8 @@ class Job:
 
     def _prompts(self, record: ImageRecord) -> list[tuple[tuple, str, Question | None]]:
         spec = self.spec
-        if spec.task == "caption":
-            return [((record.id,), spec.prompt, None)]
+        if spec.task != "vqa":
+            return [((record.id,), spec.task_prompt, None)]
         if self.questions is None:
             questions = [Question(record.id, spec.question, SINGLE_QUESTION_ID)]
         else:
@@ -343,8 +368,10 @@ class Job:
               errors: queue.SimpleQueue) -> Iterator[ImageWork]:
         """Decoded images with their prompts for the engine, each carrying (as its context) the rows its
         completions complete; what cannot go to the engine becomes an error row on `errors`."""
+        sized = self.objects is not None  # boxes are given in the original image's pixels
         decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image,
-                                self.config.vision.image_size, self.decode_workers)
+                                self.config.vision.image_size, self.decode_workers,
+                                decode=decode_with_size if sized else decode_one)
         for item, pixels in decoded:
             summary.images += 1
             record = item.record
@@ -352,8 +379,13 @@ class Job:
                 for _, prompt, q in item.prompts:
                     errors.put(self._row(record.id, q, prompt, version=record.version, error=pixels))
                 continue
+            size = {}
+            if sized:
+                pixels, (width, height) = pixels
+                size = {"width": width, "height": height}
             prompts, rows = [], {}
             for key, _, ids, row, error in self._engine_prompts(item):
+                row.update(size)
                 if error is not None:
                     errors.put({**row, "error": error, "finish_reason": "error"})
                     continue
@@ -416,8 +448,11 @@ class Job:
 
     def _completion_row(self, completion: Completion) -> dict:
         """The row its image's work left for this completion, filled in."""
-        return {**completion.context[completion.key], self.spec.answer_column: self.processor.decode(completion.tokens),
-                "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
+        row = {**completion.context[completion.key], self.spec.answer_column: self.processor.decode(completion.tokens),
+               "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
+        if self.objects is not None:
+            row.update(self.objects(row["text"], completion.tokens, completion.logprobs, row["width"], row["height"]))
+        return row
 
 
 def ray_runner():

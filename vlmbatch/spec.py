@@ -20,7 +20,8 @@ from vlmbatch.errors import VlmbatchError
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 DEFAULT_CAPTION_PROMPT = "caption en"
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "detect", "segment")
+DETECTION_TASKS = ("detect", "segment")  # answers parsed into objects (vlmbatch.detection)
 DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a kill can cost)
 
 # The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
@@ -191,16 +192,43 @@ class JobSpec:
     ray: str | None = None  # run on a Ray cluster: "auto", "HOST:PORT" or "ray://HOST:10001" (vlmbatch.distributed)
     ray_workers: str | None = None  # engine actors: "N", or "MIN-MAX" for an autoscaling pool (default 1)
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else CPU workers; 0: CPU workers
+    objects: str | None = None  # detect / segment: what to find, "cat ; dog"
+    vae: Path | None = None  # segment: the mask VAE's weights (vae-oid.npz or its safetensors copy)
 
     def __post_init__(self):
         _validate(self)
         if self.task not in TASKS:
-            raise SpecError(f"task must be caption or vqa, got {self.task!r}")
+            raise SpecError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self._check_detection()
         if self.ray is None and (self.ray_workers is not None or self.gpus_per_worker is not None):
             raise SpecError("ray_workers and gpus_per_worker need ray (--ray auto or an address)")
         if self.ray is not None and self.devices is not None:
             raise SpecError("ray and devices exclude each other: on a cluster use ray_workers")
         self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
+
+    def _check_detection(self) -> None:
+        if self.task not in DETECTION_TASKS:
+            if self.objects is not None or self.vae is not None:
+                raise SpecError("objects and vae are for detect and segment only")
+            return
+        if self.objects is None or not self.object_names:
+            raise SpecError(f'{self.task} needs the objects to find: --objects "cat ; dog"')
+        if self.vae is not None and self.task != "segment":
+            raise SpecError("vae is for segment only (detect gives boxes, no masks)")
+        if self.ray is not None:
+            raise SpecError(f"{self.task} does not run on Ray yet: leave out ray (--ray)")
+
+    @property
+    def object_names(self) -> list[str]:
+        """`objects` split at ';', blanks left out."""
+        return [name.strip() for name in (self.objects or "").split(";") if name.strip()]
+
+    @property
+    def task_prompt(self) -> str:
+        """The one prompt of a caption, detect or segment job: `prompt`, or "detect cat ; dog"."""
+        if self.task in DETECTION_TASKS:
+            return f"{self.task} {' ; '.join(self.object_names)}"
+        return self.prompt
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -217,4 +245,4 @@ class JobSpec:
 
     @property
     def answer_column(self) -> str:
-        return "caption" if self.task == "caption" else "answer"
+        return {"caption": "caption", "vqa": "answer"}.get(self.task, "text")

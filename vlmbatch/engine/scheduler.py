@@ -42,6 +42,7 @@ class Completion:
     tokens: list[int]  # generated ids, without the final <eos>
     finish_reason: str  # "eos" | "length"
     context: Any = None  # its ImageWork's
+    logprobs: list[float] | None = None  # per token of `tokens`: log softmax of the model's logits; None from beams
 
 
 @dataclass
@@ -62,6 +63,7 @@ class _Slots:
     done: torch.Tensor  # [S] no live sequence (free, or finished and not yet reaped)
     out: torch.Tensor  # [S, steps + 1] generated tokens; the last column takes the writes of dead rows
     stream: torch.Tensor  # [S] the sampler's stream of each slot's request (`generation.stream_id`)
+    logp: torch.Tensor  # [S, steps + 1] float32: each generated token's log-probability, laid out as `out`
 
     @classmethod
     def allocate(cls, slots: int, steps: int, pad: int, device: torch.device) -> "_Slots":
@@ -69,7 +71,7 @@ class _Slots:
             return torch.full(shape, value, dtype=dtype, device=device)
         return cls(token=filled(slots, value=pad), col=filled(slots), count=filled(slots),
                    done=filled(slots, value=True, dtype=torch.bool), out=filled(slots, steps + 1, value=pad),
-                   stream=filled(slots))
+                   stream=filled(slots), logp=filled(slots, steps + 1, dtype=torch.float32))
 
 
 @dataclass
@@ -104,6 +106,12 @@ def capture_cuda_graph(fn: Callable[[], None], device: torch.device) -> Callable
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph.replay
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B] float32: log softmax of `logits` [B, V] at `tokens` [B], the model's own distribution (before
+    temperature or top-p), so a token's log-probability is the same however it was chosen."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
 
 
 class Engine:
@@ -218,7 +226,8 @@ class Engine:
             if since_sync >= self.sync_every:  # reap finished sequences, freeing their slots
                 since_sync = 0
                 for i in [i for i in st.done.nonzero()[:, 0].tolist() if i in owner]:
-                    yield self._completion(owner.pop(i), st.out[i, : int(st.count[i])].tolist())
+                    count = int(st.count[i])
+                    yield self._completion(owner.pop(i), st.out[i, :count].tolist(), st.logp[i, :count].tolist())
             more = more and self._fill(waiting, requests)
             free = [i for i in range(s) if i not in owner]
             # Once the input is exhausted nothing new arrives, so wait for as many free slots as there
@@ -255,6 +264,7 @@ class Engine:
             first = self.select(prefill_logits, streams, torch.zeros_like(streams))
             st.token[rows], st.col[rows], st.count[rows], st.stream[rows] = first, lengths, 1, streams
             st.out[rows, 0] = first
+            st.logp[rows, 0] = token_logprobs(prefill_logits, first)
             st.done[rows] = (first == self.eos) | (steps == 1)
             owner.update(zip(rows.tolist(), group))
             since_sync = self.sync_every  # look at the new rows before the next step
@@ -275,7 +285,9 @@ class Engine:
         """Record the next token of each live row among the first len(live) slots (no host sync)."""
         hi, steps = len(live), self.settings.max_new_tokens
         nxt = torch.where(live, self.select(logits, st.stream[:hi], st.count[:hi]), self.pad)
-        st.out[:hi].scatter_(1, torch.where(live, st.count[:hi], steps)[:, None], nxt[:, None])
+        at = torch.where(live, st.count[:hi], steps)[:, None]
+        st.out[:hi].scatter_(1, at, nxt[:, None])
+        st.logp[:hi].scatter_(1, at, token_logprobs(logits, nxt)[:, None])
         st.token[:hi] = nxt
         st.col[:hi] += live.long()
         st.count[:hi] += live.long()
@@ -306,10 +318,10 @@ class Engine:
 
         return replayed
 
-    def _completion(self, request: _Request, tokens: list[int]) -> Completion:
+    def _completion(self, request: _Request, tokens: list[int], logprobs: list[float]) -> Completion:
         tokens, reason = finish(tokens, self.eos)
         self.stats.generated_tokens += len(tokens)
-        return Completion(request.key, tokens, reason, request.context)
+        return Completion(request.key, tokens, reason, request.context, logprobs[: len(tokens)])
 
     # -- beam search: static, length-bucketed batches ----------------------------------------------
     def _run_beams(self, requests: Iterator[_Request]) -> Iterator[Completion]:

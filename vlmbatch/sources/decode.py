@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from vlmbatch.errors import ImageDecodeError
-from vlmbatch.sources.images import load_resized
+from vlmbatch.sources.images import load_image, load_resized, resize_square
 from vlmbatch.sources.records import ImageRef
 
 T = TypeVar("T")
@@ -28,12 +28,22 @@ def decode_one(ref: ImageRef, size: int) -> np.ndarray | str:
         return str(exc)
 
 
+def decode_with_size(ref: ImageRef, size: int) -> tuple[np.ndarray, tuple[int, int]] | str:
+    """As `decode_one`, with the image's own (width, height), after EXIF orientation."""
+    try:
+        image = load_image(ref)
+    except ImageDecodeError as exc:
+        return str(exc)
+    return resize_square(image, size), image.size
+
+
 def decode_stream(items: Iterable[T], ref: Callable[[T], ImageRef], size: int, workers: int,
-                  in_flight_per_worker: int = 8) -> Iterator[tuple[T, np.ndarray | str]]:
-    """Yield (item, pixels-or-error) for each item, decoding `ref(item)` to uint8 [size, size, 3]."""
+                  in_flight_per_worker: int = 8, decode: Callable = decode_one) -> Iterator[tuple[T, object]]:
+    """Yield (item, pixels-or-error) for each item, decoding `ref(item)` to uint8 [size, size, 3] with
+    `decode` (a module-level function: workers import it), `decode_one` or `decode_with_size`."""
     if workers <= 0:
         for item in items:
-            yield item, decode_one(ref(item), size)
+            yield item, decode(ref(item), size)
         return
     # spawn: the parent holds torch's thread pools, which a forked child must not inherit.
     context = multiprocessing.get_context("spawn")
@@ -41,7 +51,7 @@ def decode_stream(items: Iterable[T], ref: Callable[[T], ImageRef], size: int, w
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         try:
             for item in items:
-                pending.append((item, pool.submit(decode_one, ref(item), size)))
+                pending.append((item, pool.submit(decode, ref(item), size)))
                 if len(pending) >= workers * in_flight_per_worker:
                     head, future = pending.popleft()
                     yield head, future.result()
