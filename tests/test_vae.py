@@ -11,7 +11,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from typer.testing import CliRunner
 
 from vlmbatch.cli import app
-from vlmbatch.detection.vae import MaskDecoder, convert_vae, fingerprint, load_vae
+from vlmbatch.detection.vae import MaskDecoder, fingerprint, load_vae
 from vlmbatch.errors import VlmbatchError
 
 DIM = 24  # codebook vectors (vae-oid.npz: 512); small keeps the reference quick

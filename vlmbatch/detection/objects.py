@@ -11,27 +11,12 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
 from vlmbatch.detection.parse import ParsedObject, parse_objects
 from vlmbatch.detection.vae import MaskDecoder
-
-TASKS = ("detect", "segment")
-_BOX = pa.list_(pa.float64())
-_DETECTED = [pa.field("label", pa.string()), pa.field("score", pa.float64()), pa.field("box", _BOX),
-             pa.field("box_normalized", _BOX)]
-_SEGMENTED = [*_DETECTED, pa.field("seg_codes", pa.list_(pa.int32())),
-              pa.field("mask", pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())]))]
-
-
-def fields(task: str) -> list[pa.Field]:
-    """The columns a detect / segment row has besides the common ones (answer text, then its objects)."""
-    objects = pa.list_(pa.struct(_SEGMENTED if task == "segment" else _DETECTED))
-    return [pa.field("text", pa.string()), pa.field("objects", objects), pa.field("parse_errors", pa.int32()),
-            pa.field("width", pa.int32()), pa.field("height", pa.int32())]
 
 
 class ObjectColumns:
