@@ -299,3 +299,31 @@ def test_original_size_follows_exif_orientation(tmp_path, detector):
     row = by_id(out)["r.jpg"]
     assert (row["width"], row["height"]) == (40, 64)
     assert row["objects"][0]["box"][2] == pytest.approx(800 / 1023 * 40)
+
+
+def test_several_devices_and_decode_workers_give_the_same_rows(folder, tmp_path, detector):
+    """Completions (log-probs included) cross process boundaries, and so do decoded sizes."""
+    one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    run("detect", folder, one, detector, "--objects", "cat ; dog")
+    invoke("detect", folder, "--out", two, "--model", detector, "--max-new-tokens", 64, "--quiet",
+           "--devices", "cpu,cpu", "--workers", 1, "--objects", "cat ; dog")
+    assert by_id(one) == by_id(two)
+    assert by_id(two)["wide.png"]["objects"][0]["score"] is not None
+
+
+def test_beam_search_leaves_scores_null(folder, tmp_path, detector):
+    out = tmp_path / "beams.parquet"
+    run("detect", folder, out, detector, "--objects", "cat ; dog", "--num-beams", 2)
+    objects = by_id(out)["tall.png"]["objects"]
+    assert [o["label"] for o in objects] == ["cat", "black dog"] and [o["score"] for o in objects] == [None, None]
+
+
+def test_job_spec_vae_path_is_taken_from_the_specs_folder(folder, tmp_path, segmenter):
+    (tmp_path / "jobs").mkdir()
+    write_random_vae(tmp_path / "jobs" / "vae-oid.npz")
+    spec = tmp_path / "jobs" / "masks.toml"
+    spec.write_text(f'task = "detect"\nsource = "{folder}"\nout = "masks.parquet"\nmodel = "{segmenter}"\n'
+                    f'objects = "cat"\nworkers = 0\nmax_new_tokens = 64\n')
+    invoke("run", spec, "--quiet", "--set", "task=segment", "--set", "vae=vae-oid.npz")
+    (cat,) = by_id(tmp_path / "jobs" / "masks.parquet")["wide.png"]["objects"]
+    assert cat["seg_codes"] == CODES and cat["mask"]["size"] == [40, 64]
