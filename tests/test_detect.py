@@ -13,9 +13,7 @@ from factory import distinct_photos, make_scripted_checkpoint
 from PIL import Image
 from pycocotools import mask as coco_mask
 from tokenizers import Tokenizer
-from typer.testing import CliRunner
 
-from vlmbatch.cli import app
 from vlmbatch.detection.objects import ObjectColumns, paste_mask
 from vlmbatch.detection.parse import LOC_DIVISOR, ParsedObject, loc_tokens, parse_objects
 from vlmbatch.detection.vae import load_vae
@@ -24,9 +22,9 @@ from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.processor import Processor
 from vlmbatch.sources.images import resize_square
 from vlmbatch.spec import GenerationSettings
+from test_cli import invoke
 from test_vae import write_random_vae
 
-runner = CliRunner()
 SIZES = {"wide": (64, 40), "tall": (30, 90)}  # original images, neither square nor the model's size
 
 
@@ -197,12 +195,6 @@ def folder(tmp_path):
         photo.convert("RGB").resize(size).save(root / f"{name}.png")
     (root / "broken.jpg").write_bytes(b"not an image")
     return root
-
-
-def invoke(*args, expect=0):
-    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
 
 
 def run(task, folder, out, ckpt, *extra, expect=0):
