@@ -319,3 +319,16 @@ def test_job_spec_vae_path_is_taken_from_the_specs_folder(folder, tmp_path, segm
     invoke("run", spec, "--quiet", "--set", "task=segment", "--set", "vae=vae-oid.npz")
     (cat,) = by_id(tmp_path / "jobs" / "masks.parquet")["wide.png"]["objects"]
     assert cat["seg_codes"] == CODES and cat["mask"]["size"] == [40, 64]
+
+
+def test_spec_builds_the_prompt_and_refuses_misplaced_keys():
+    from vlmbatch.spec import JobSpec, SpecError
+
+    spec = JobSpec(task="segment", source="x", out="y.parquet", objects=" cat;dog ;  ; red car ")
+    assert spec.task_prompt == "segment cat ; dog ; red car" and spec.answer_column == "text"
+    assert JobSpec(task="caption", source="x", out="y.parquet").task_prompt == "caption en"
+    for bad, message in [(dict(task="caption", objects="cat"), "objects and vae are for detect and segment only"),
+                         (dict(task="detect", objects="cat", vae="v.npz"), "vae is for segment only"),
+                         (dict(task="segment"), "segment needs the objects to find")]:
+        with pytest.raises(SpecError, match=message):
+            JobSpec(source="x", out="y.parquet", **bad)
