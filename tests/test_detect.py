@@ -22,7 +22,7 @@ from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.processor import Processor
 from vlmbatch.sources.images import resize_square
 from vlmbatch.spec import GenerationSettings
-from test_cli import invoke
+from test_cli import encoded_images, invoke
 from test_vae import write_random_vae
 
 SIZES = {"wide": (64, 40), "tall": (30, 90)}  # original images, neither square nor the model's size
@@ -206,7 +206,7 @@ def by_id(path) -> dict[str, dict]:
     return {row["id"]: row for row in pq.read_table(path).to_pylist()}
 
 
-def test_detect_writes_boxes_in_the_original_images_pixels(folder, tmp_path, detector):
+def test_detect_writes_boxes_in_the_original_images_pixels(folder, tmp_path, detector, monkeypatch):
     out = tmp_path / "boxes.parquet"
     run("detect", folder, out, detector, "--objects", "cat ;dog")
     rows = by_id(out)
@@ -224,9 +224,10 @@ def test_detect_writes_boxes_in_the_original_images_pixels(folder, tmp_path, det
                                             900 / 1023 * height])
         assert -3 < cat["score"] < 0 and -3 < dog["score"] < 0 and cat["score"] != dog["score"]
         assert "seg_codes" not in cat
-    # resumed: nothing new to do; other objects are other settings, refused in one line
+    # resumed: no image goes through the model again; other objects are other settings, refused in one line
+    encoded = encoded_images(monkeypatch)
     run("detect", folder, out, detector, "--objects", "cat ; dog")
-    assert len(by_id(out)) == 3
+    assert encoded == [] and by_id(out) == rows
     result = run("detect", folder, out, detector, "--objects", "bird", expect=2)
     assert "different settings" in result.output and len(result.output.strip().splitlines()) == 1
 
