@@ -794,3 +794,33 @@ def make_siglip_checkpoint(out_dir: Path, seed: int = 0, tokenizer: str = "json"
         model.logit_bias.fill_(SIGLIP_LOGIT_BIAS)
     model.save_pretrained(out_dir)
     return model
+
+
+def make_scripted_checkpoint(out_dir: Path, script: str, image_size: int = 28, seed: int = 0) -> "Ckpt":
+    """A tiny pg1_untied checkpoint (transformers layout) whose greedy answer to any prompt is `script`,
+    then ``<eos>``: how tests make the random model write ``<loc>``/``<seg>`` answers.
+
+    The answer's tokens (with the prompt's final ``\\n`` first) get one-hot input embeddings so large that
+    the residual stream at a position is its own token's, whatever the layers add; the output head,
+    zero elsewhere, maps each of them to its successor with a logit of about 6-11 (varied, so
+    log-probs differ per token, from about -1 to near 0). The tokens of `script` must be distinct, and fewer than the hidden size.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(out_dir, image_size=image_size, patch_size=PATCH_SIZE)
+    model = build_model("pg1_untied", image_size=image_size, seed=seed, tokenizer_dir=out_dir)
+    ids = tokenizer_ids(out_dir)
+    chain = [ids["newline"], *build_tokenizer().encode(script, add_special_tokens=False).ids, ids["eos"]]
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    hidden = embed.shape[1]
+    if len(set(chain)) != len(chain) or len(chain) > hidden:
+        raise ValueError(f"script tokens must be distinct and fewer than {hidden}: {chain}")
+    with torch.no_grad():
+        head.zero_()
+        for k, (token, successor) in enumerate(zip(chain, chain[1:])):
+            embed[token] = 0.0
+            embed[token, k] = 100.0
+            # RMSNorm makes the one-hot state sqrt(hidden) * (1 + w_k) ~ 8 at dimension k.
+            head[successor, k] = (6.0 + 2.5 * (k % 3)) / hidden ** 0.5
+    model.save_pretrained(out_dir)
+    return Ckpt(out_dir, model, "pg1_untied", "transformers", image_size)

@@ -19,7 +19,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 @pytest.mark.parametrize("spec", sorted(PIPELINES.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_specs_load(spec):
     job = load_job_spec(spec)
-    assert job.task in ("caption", "vqa")
+    assert job.task in ("caption", "vqa", "detect")
     assert Path(job.source).is_absolute() and Path(job.out).is_absolute()
     assert Path(job.source).parent.parent == PIPELINES.parent  # relative to the spec's folder
 

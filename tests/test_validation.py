@@ -77,7 +77,7 @@ def test_out_must_be_a_path_and_task_caption_or_vqa(tmp_path):
     with pytest.raises(VlmbatchError, match="out must be a path or URI, got 5"):
         load_job_spec(path)
     path.write_text('task = "summary"\nsource = "x"\nout = "y.parquet"\n')
-    message = f"error: {path}: task must be caption or vqa, got 'summary'"
+    message = f"error: {path}: task must be one of caption, vqa, detect, segment, got 'summary'"
     assert one_error_line(runner.invoke(app, ["run", str(path)])) == message
 
 

@@ -195,6 +195,52 @@ def vqa(
     """Answer questions about the images of SOURCE into a Parquet file (id, question_id, question, answer, error, …)."""
 
 
+ObjectsOpt = typer.Option(_JOB["objects"], "--objects", help='What to find, separated by ";": "cat ; dog".')
+
+
+@app.command(epilog="""Examples:\n
+  vlmbatch detect ./photos --objects "cat ; dog" --out boxes.parquet\n
+Each row holds the answer (text) and its objects: label, score (mean token log-probability), box in the
+original image's pixels (x_min, y_min, x_max, y_max) and box_normalized (0..1); parse_errors counts the
+malformed objects left out.""")
+@_job_command("detect")
+def detect(
+    source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or manifest."),
+    out: str = OutOpt,
+    objects: Optional[str] = ObjectsOpt,
+) -> None:
+    """Find objects in every image of SOURCE: boxes into a Parquet file (prompt "detect cat ; dog")."""
+
+
+@app.command(epilog="""Examples:\n
+  vlmbatch segment ./photos --objects cat --vae vae-oid.npz --out masks.parquet\n
+As detect, and each object also has its 16 seg_codes and, with --vae, its mask as COCO RLE (size [h, w],
+counts) in the original image's pixels. vae-oid.npz is big_vision's mask VAE (see the README).""")
+@_job_command("segment")
+def segment(
+    source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or manifest."),
+    out: str = OutOpt,
+    objects: Optional[str] = ObjectsOpt,
+    vae: Optional[Path] = typer.Option(_JOB["vae"], "--vae", help="The mask VAE: vae-oid.npz, or its safetensors "
+                                       "copy (convert-vae). Without it masks are null; the codes are kept."),
+) -> None:
+    """Segment objects in every image of SOURCE: boxes and masks into a Parquet file (prompt "segment cat")."""
+
+
+@app.command("convert-vae")
+def convert_vae(
+    source: Path = typer.Argument(..., help="big_vision's vae-oid.npz."),
+    target: Path = typer.Argument(..., help="The .safetensors file to write."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Copy the mask VAE's decoder weights from vae-oid.npz to safetensors (for `segment --vae`)."""
+    from vlmbatch.detection.vae import convert_vae as convert
+
+    with _fatal_errors(debug):
+        count = convert(source, target)
+        console.print(f"wrote {count} tensors to {target}", highlight=False)
+
+
 @app.command(epilog="""Examples:\n
   vlmbatch score captions.parquet --source ./photos\n
   vlmbatch score alt/ --source ./photos --model google/siglip-base-patch16-224 --batch-size 32\n

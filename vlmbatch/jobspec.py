@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-_PATH_KEYS = ("source", "out", "questions")
+_PATH_KEYS = ("source", "out", "questions", "vae")
 _MODEL_KEYS = ("model", "score_with")  # a checkpoint folder beside the spec, or a Hub id
 _JOB_KEYS = {f.name for f in dataclasses.fields(JobSpec)} - {"generation"}
 _GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationSettings)}

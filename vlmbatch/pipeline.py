@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping
@@ -24,7 +25,7 @@ from vlmbatch import __version__
 from vlmbatch.engine.devices import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.engine.scheduler import Completion, Engine, ImageWork
 from vlmbatch.engine.scorer import Scorer
-from vlmbatch.errors import VlmbatchError
+from vlmbatch.errors import VlmbatchError, VlmbatchWarning
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
 from vlmbatch.model.loading import (
     Checkpoint,
@@ -43,11 +44,11 @@ from vlmbatch.model.memory import (
 from vlmbatch.model.processor import Processor
 from vlmbatch.sinks.outputs import is_folder_output, open_sink, written_paths
 from vlmbatch.sinks.rows import FAILURE_COLUMN, KEYS, SCHEMAS, VERSION_COLUMN
-from vlmbatch.sources.decode import decode_stream
+from vlmbatch.sources.decode import decode_one, decode_stream, decode_with_size
 from vlmbatch.sources.open import open_source
 from vlmbatch.sources.questions import group_by_image, load_questions
 from vlmbatch.sources.records import ImageRecord, Question, Source, readable
-from vlmbatch.spec import JobSpec
+from vlmbatch.spec import DETECTION_TASKS, JobSpec
 
 SINGLE_QUESTION_ID = "0"
 MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
@@ -166,6 +167,7 @@ class Job:
         self.fingerprint = self.checkpoint.fingerprint()
         # Scores are per row (`siglip_weights` says whose), not a setting: an output's rows may be scored later.
         self.scorer = Scorer(spec.score_with, self.device, self.dtype, self.cpu_matmul) if spec.score_with else None
+        self.objects, self.vae_fingerprint = self._object_columns()
         self.sink = open_sink(
             spec.out, SCHEMAS[spec.task], key=KEYS[spec.task],
             failure_column=FAILURE_COLUMN, version_column=VERSION_COLUMN,
@@ -204,6 +206,21 @@ class Job:
                  f"KV cache ({slots} slots x {max_len} tokens{each})": cache, "runtime": overhead}
         raise not_enough(self.device, needs, available, remedy)
 
+    def _object_columns(self):
+        """detect / segment: what fills in each row's objects, and the mask VAE's fingerprint (None
+        without one); (None, None) for other tasks. A bad --vae file stops the job here, in one line."""
+        if self.spec.task not in DETECTION_TASKS:
+            return None, None
+        from vlmbatch.detection.objects import ObjectColumns
+        from vlmbatch.detection.vae import fingerprint, load_vae
+
+        masks = load_vae(self.spec.vae) if self.spec.vae is not None else None
+        if self.spec.task == "segment" and masks is None:
+            warnings.warn("no --vae given: the <seg> codes are kept (seg_codes) and every mask is null; "
+                          "pass --vae vae-oid.npz for masks", VlmbatchWarning, stacklevel=2)
+        columns = ObjectColumns(self.spec.task, self.processor.decode, masks)
+        return columns, fingerprint(masks) if masks is not None else None
+
     def _questions(self) -> dict[str, list[Question]] | None:
         spec = self.spec
         if spec.task != "vqa":
@@ -219,11 +236,12 @@ class Job:
         fingerprint, not the name it was given: a relative path, an absolute one and a Hub id of the
         same weights resume one another's output (the name is kept in the metadata)."""
         spec = self.spec
-        # With --lang the prompt is a template ("caption {lang}"): the languages are not a setting, so a
-        # language added later captions that language alone.
-        prompt = {"prompt": spec.caption_prompt} if spec.task == "caption" else {"prompt_template": spec.prompt_template}
+        # With --lang the caption prompt is a template ("caption {lang}"): the languages are not a setting,
+        # so a language added later captions that language alone.
+        prompt = {"prompt_template": spec.prompt_template} if spec.task == "vqa" else {"prompt": spec.task_prompt}
+        masks = {"vae": self.vae_fingerprint} if spec.task == "segment" else {}
         return {"task": spec.task, "weights": self.fingerprint, "dtype": str(self.dtype),
-                **prompt, "generation": spec.generation.as_dict()}
+                **prompt, **masks, "generation": spec.generation.as_dict()}
 
     def metadata(self) -> dict[str, str]:
         return {"vlmbatch.version": __version__, "vlmbatch.model": self.spec.model,
@@ -266,9 +284,11 @@ class Job:
     def _prompts(self, record: ImageRecord) -> list[tuple[tuple, str, Question | None]]:
         spec = self.spec
         if spec.task == "caption":
-            template = spec.caption_prompt
+            template = spec.task_prompt
             return [((record.id, lang), template.replace("{lang}", lang) if lang else template, None)
                     for lang in spec.lang or (None,)]
+        if spec.task != "vqa":
+            return [((record.id,), spec.task_prompt, None)]
         if self.questions is None:
             questions = [Question(record.id, spec.question, SINGLE_QUESTION_ID)]
         else:
@@ -296,7 +316,7 @@ class Job:
                "finish_reason": None if error is None else "error", "image_version": version}
         if self.spec.task == "vqa":
             row.update(question_id=question.question_id, question=question.question)
-        else:
+        elif self.spec.task == "caption":
             row["lang"] = key[1]
         return row
 
@@ -344,11 +364,12 @@ class Job:
         completions complete; what cannot go to the engine becomes an error row on `errors`."""
         size = self.config.vision.image_size
         sizes = (size, self.scorer.image_size) if self.scorer else size  # one decode serves both models
+        sized = self.objects is not None  # boxes are given in the original image's pixels
         todo = self.items(done, summary, failed)
         if self.spec.fetch_images:
             todo = self._fetched(todo)
-        decoded = decode_stream(todo, lambda item: item.record.image, sizes,
-                                self.decode_workers)
+        decoded = decode_stream(todo, lambda item: item.record.image, sizes, self.decode_workers,
+                                decode=decode_with_size if sized else decode_one)
         for item, pixels in decoded:
             summary.images += 1
             record = item.record
@@ -356,11 +377,16 @@ class Job:
                 for key, prompt, q in item.prompts:
                     errors.put(self._row(key, q, prompt, version=record.version, error=pixels))
                 continue
+            size = {}
+            if sized:
+                pixels, (width, height) = pixels
+                size = {"width": width, "height": height}
             if self.scorer:  # the image's SigLIP embedding waits in its rows for their captions
                 pixels, score_pixels = pixels
                 embed = self.scorer.image_embeds([score_pixels])
             prompts, rows = [], {}
             for key, _, ids, row, error in self._engine_prompts(item):
+                row.update(size)
                 if error is not None:
                     errors.put({**row, "error": error, "finish_reason": "error"})
                     continue
@@ -439,6 +465,8 @@ class Job:
         if self.scorer:
             [(prob, cos)] = self.scorer.score(row.pop(_EMBED), [row[self.spec.answer_column]])
             row.update(siglip_prob=prob, siglip_cos=cos, siglip_weights=self.scorer.fingerprint)
+        if self.objects is not None:
+            row.update(self.objects(row["text"], completion.tokens, completion.logprobs, row["width"], row["height"]))
         return row
 
 

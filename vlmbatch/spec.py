@@ -23,7 +23,8 @@ DEFAULT_SCORE_MODEL = "google/siglip-so400m-patch14-384"  # the SigLIP that Pali
 DEFAULT_CAPTION_PROMPT = "caption en"
 LANG_PROMPT = "caption {lang}"  # PaliGemma mix's multilingual captions
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "detect", "segment")
+DETECTION_TASKS = ("detect", "segment")  # answers parsed into objects (vlmbatch.detection)
 DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a kill can cost)
 
 # The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
@@ -227,11 +228,14 @@ class JobSpec:
     fetch_retries: int = DEFAULT_FETCH_RETRIES
     fetch_workers: int = DEFAULT_FETCH_WORKERS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    objects: str | None = None  # detect / segment: what to find, "cat ; dog"
+    vae: Path | None = None  # segment: the mask VAE's weights (vae-oid.npz or its safetensors copy)
 
     def __post_init__(self):
         _validate(self)
         if self.task not in TASKS:
-            raise SpecError(f"task must be caption or vqa, got {self.task!r}")
+            raise SpecError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self._check_detection()
         if self.ray is None and (self.ray_workers is not None or self.gpus_per_worker is not None):
             raise SpecError("ray_workers and gpus_per_worker need ray (--ray auto or an address)")
         if self.ray is not None and self.devices is not None:
@@ -241,12 +245,37 @@ class JobSpec:
         self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
         if self.lang is not None and self.task != "caption":
             raise SpecError("lang takes caption languages: it needs the caption task")
-        if self.lang is not None and "{lang}" not in self.caption_prompt:
+        if self.lang is not None and "{lang}" not in self.task_prompt:
             raise SpecError(f"with lang, the prompt must contain {{lang}} (e.g. \"{LANG_PROMPT}\"), got {self.prompt!r}")
         if self.score_with is not None and self.task != "caption":
             raise SpecError("score_with scores captions: it needs the caption task")
         if self.score_with is not None and self.ray is not None:
             raise SpecError("score_with is not available with ray yet: run `vlmbatch score OUT` after the job")
+
+    def _check_detection(self) -> None:
+        if self.task not in DETECTION_TASKS:
+            if self.objects is not None or self.vae is not None:
+                raise SpecError("objects and vae are for detect and segment only")
+            return
+        if self.objects is None or not self.object_names:
+            raise SpecError(f'{self.task} needs the objects to find: --objects "cat ; dog"')
+        if self.vae is not None and self.task != "segment":
+            raise SpecError("vae is for segment only (detect gives boxes, no masks)")
+        if self.ray is not None:
+            raise SpecError(f"{self.task} does not run on Ray yet: leave out ray (--ray)")
+
+    @property
+    def object_names(self) -> list[str]:
+        """`objects` split at ';', blanks left out."""
+        return [name.strip() for name in (self.objects or "").split(";") if name.strip()]
+
+    @property
+    def task_prompt(self) -> str:
+        """The one prompt of a caption, detect or segment job: `prompt` (with `lang` a template over
+        {lang}, by default PaliGemma mix's "caption {lang}"), or "detect cat ; dog"."""
+        if self.task in DETECTION_TASKS:
+            return f"{self.task} {' ; '.join(self.object_names)}"
+        return LANG_PROMPT if self.lang is not None and self.prompt == DEFAULT_CAPTION_PROMPT else self.prompt
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -262,13 +291,8 @@ class JobSpec:
         return fewest, most
 
     @property
-    def caption_prompt(self) -> str:
-        """The caption prompt; with `lang` and the default prompt, PaliGemma mix's `caption {lang}`."""
-        return LANG_PROMPT if self.lang is not None and self.prompt == DEFAULT_CAPTION_PROMPT else self.prompt
-
-    @property
     def answer_column(self) -> str:
-        return "caption" if self.task == "caption" else "answer"
+        return {"caption": "caption", "vqa": "answer"}.get(self.task, "text")
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,10 @@ class Completion:
     tokens: list[int]  # generated ids, without the final <eos>
     finish_reason: str  # "eos" | "length"
     context: Any = None  # its ImageWork's
-    # Natural log-probs of the generated tokens, <eos> included when generated (see TokenSelector.pick);
-    # with beams `mean_logprob` is the beam's own score (summed log-probs / length ** length_penalty).
+    # Natural log-probs of the generated tokens (see TokenSelector.pick): one per token of `tokens`, and
+    # their mean and least, <eos> included when it was generated. With beams `mean_logprob` is the
+    # beam's own score (its summed log-probs / length ** length_penalty).
+    logprobs: list[float] | None = None
     mean_logprob: float | None = None
     min_logprob: float | None = None
 
@@ -71,8 +73,7 @@ class _Slots:
     done: torch.Tensor  # [S] no live sequence (free, or finished and not yet reaped)
     out: torch.Tensor  # [S, steps + 1] generated tokens; the last column takes the writes of dead rows
     stream: torch.Tensor  # [S] the sampler's stream of each slot's request (`generation.stream_id`)
-    logp_sum: torch.Tensor  # [S] float32: summed log-probs of the tokens generated so far
-    logp_min: torch.Tensor  # [S] float32: the least of them
+    logp: torch.Tensor  # [S, steps + 1] float32: each generated token's log-probability, laid out as `out`
 
     @classmethod
     def allocate(cls, slots: int, steps: int, pad: int, device: torch.device) -> "_Slots":
@@ -80,8 +81,7 @@ class _Slots:
             return torch.full(shape, value, dtype=dtype, device=device)
         return cls(token=filled(slots, value=pad), col=filled(slots), count=filled(slots),
                    done=filled(slots, value=True, dtype=torch.bool), out=filled(slots, steps + 1, value=pad),
-                   stream=filled(slots), logp_sum=filled(slots, dtype=torch.float32),
-                   logp_min=filled(slots, dtype=torch.float32))
+                   stream=filled(slots), logp=filled(slots, steps + 1, dtype=torch.float32))
 
 
 @dataclass
@@ -265,8 +265,7 @@ class Engine:
                        else torch.zeros(len(group), dtype=torch.long, device=dev))
             first, logp = self.select.pick(prefill_logits, streams, torch.zeros_like(streams))
             st.token[rows], st.col[rows], st.count[rows], st.stream[rows] = first, lengths, 1, streams
-            st.logp_sum[rows], st.logp_min[rows] = logp, logp
-            st.out[rows, 0] = first
+            st.out[rows, 0], st.logp[rows, 0] = first, logp
             st.done[rows] = (first == self.eos) | (steps == 1)
             owner.update(zip(rows.tolist(), group))
             since_sync = self.sync_every  # look at the new rows before the next step
@@ -288,9 +287,9 @@ class Engine:
         hi, steps = len(live), self.settings.max_new_tokens
         chosen, logp = self.select.pick(logits, st.stream[:hi], st.count[:hi])
         nxt = torch.where(live, chosen, self.pad)
-        st.logp_sum[:hi] += torch.where(live, logp, 0.0)
-        st.logp_min[:hi] = torch.where(live, torch.minimum(st.logp_min[:hi], logp), st.logp_min[:hi])
-        st.out[:hi].scatter_(1, torch.where(live, st.count[:hi], steps)[:, None], nxt[:, None])
+        at = torch.where(live, st.count[:hi], steps)[:, None]  # dead rows write to the discard column
+        st.out[:hi].scatter_(1, at, nxt[:, None])
+        st.logp[:hi].scatter_(1, at, logp[:, None])
         st.token[:hi] = nxt
         st.col[:hi] += live.long()
         st.count[:hi] += live.long()
@@ -327,13 +326,14 @@ class Engine:
         finished = [i for i in st.done.nonzero()[:, 0].tolist() if i in owner]
         if not finished:
             return
-        counts, sums, mins = (values[finished].tolist() for values in (st.count, st.logp_sum, st.logp_min))
-        for i, out, count, total, least in zip(finished, st.out[finished].tolist(), counts, sums, mins):
+        rows = zip(finished, st.count[finished].tolist(), st.out[finished].tolist(), st.logp[finished].tolist())
+        for i, count, out, logp in rows:
             request = owner.pop(i)
             tokens, reason = finish(out[:count], self.eos)
             self.stats.generated_tokens += len(tokens)
-            yield Completion(request.key, tokens, reason, request.context, mean_logprob=total / count,
-                             min_logprob=least)
+            logp = logp[:count]
+            yield Completion(request.key, tokens, reason, request.context, logprobs=logp[: len(tokens)],
+                             mean_logprob=sum(logp) / count, min_logprob=min(logp))
 
     # -- beam search: static, length-bucketed batches ----------------------------------------------
     def _run_beams(self, requests: Iterator[_Request]) -> Iterator[Completion]:
@@ -350,4 +350,4 @@ class Engine:
             for request, result in zip(group, results):
                 self.stats.generated_tokens += len(result.tokens)
                 yield Completion(request.key, result.tokens, result.finish_reason, request.context,
-                                 mean_logprob=result.score, min_logprob=result.min_logprob)
+                                 logprobs=result.logprobs, mean_logprob=result.score, min_logprob=result.min_logprob)

@@ -30,6 +30,21 @@ CAPTION_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("caption", pa.
                             pa.field("flags", pa.list_(pa.string()))])  # the alt-text rules it breaks (review.rules)
 VQA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("question_id", pa.string()),
                         pa.field("question", pa.string()), pa.field("answer", pa.string()), *_COMMON_FIELDS])
-KEYS = {"caption": ("id", "lang"), "vqa": ("id", "question_id")}  # an output without lang: (id, null)
-SCHEMAS = {"caption": CAPTION_SCHEMA, "vqa": VQA_SCHEMA}
+# detect / segment (vlmbatch.detection): the answer's text and the objects read from it, per image.
+_BOX = pa.list_(pa.float64())  # 4 numbers: x_min, y_min, x_max, y_max
+_DETECTED = [pa.field("label", pa.string()), pa.field("score", pa.float64()), pa.field("box", _BOX),
+             pa.field("box_normalized", _BOX)]
+_RLE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])  # COCO RLE: [h, w]
+_SEGMENTED = [*_DETECTED, pa.field("seg_codes", pa.list_(pa.int32())), pa.field("mask", _RLE)]
+
+
+def _objects_schema(objects: list[pa.Field]) -> pa.Schema:
+    return pa.schema([pa.field("id", pa.string()), pa.field("text", pa.string()),
+                      pa.field("objects", pa.list_(pa.struct(objects))), pa.field("parse_errors", pa.int32()),
+                      pa.field("width", pa.int32()), pa.field("height", pa.int32()), *_COMMON_FIELDS])
+
+
+KEYS = {"caption": ("id", "lang"), "vqa": ("id", "question_id"), "detect": ("id",), "segment": ("id",)}  # caption without lang: (id, null)
+SCHEMAS = {"caption": CAPTION_SCHEMA, "vqa": VQA_SCHEMA, "detect": _objects_schema(_DETECTED),
+           "segment": _objects_schema(_SEGMENTED)}
 FAILURE_COLUMN, VERSION_COLUMN = "error", "image_version"

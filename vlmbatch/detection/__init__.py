@@ -1,0 +1,1 @@
+"""Detection and segmentation: PaliGemma's `<loc>`/`<seg>` answers as boxes, codes and masks."""
