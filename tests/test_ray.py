@@ -78,6 +78,18 @@ def table(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["id"], r.get("question_id")))
 
 
+def assert_same_rows(got: list[dict], expected: list[dict]) -> None:
+    """Equal rows, but for the confidence's last bits: a row's log-probs come out of matrix products
+    whose blocking depends on which rows share its batch (here on another worker), its tokens do not."""
+    floats = ("mean_logprob", "min_logprob")
+    assert [{k: v for k, v in row.items() if k not in floats} for row in got] == \
+        [{k: v for k, v in row.items() if k not in floats} for row in expected]
+    for row, other in zip(got, expected):
+        for name in floats:
+            assert (row[name] is None) == (other[name] is None), row["id"]
+            assert row[name] is None or row[name] == pytest.approx(other[name], abs=1e-5), row["id"]
+
+
 def spec(source, out, ckpt, **settings) -> JobSpec:
     return JobSpec(task="caption", source=str(source), out=str(out), model=str(ckpt), batch_size=2,
                    cpu_matmul="torch", ray="auto", ray_workers="2", **settings)
@@ -128,7 +140,8 @@ def test_caption_rows_equal_a_local_run(ray_address, folder, tmp_path, ckpt, kin
     run("caption", source, tmp_path / "local.parquet", ckpt)
     run("caption", source, tmp_path / "cluster", ckpt, ray_run=True)
     local, cluster = table(tmp_path / "local.parquet"), table(tmp_path / "cluster")
-    assert cluster == local and len(cluster) == 10
+    assert_same_rows(cluster, local)
+    assert len(cluster) == 10
     broken = [r for r in cluster if "broken" in r["id"]]  # an error row, not a failed job
     assert len(broken) == 1 and broken[0]["error"] and broken[0]["finish_reason"] == "error"
     assert sum(r["error"] is None and r["caption"] is not None for r in cluster) == 9
@@ -146,7 +159,8 @@ def test_vqa_rows_equal_a_local_run(ray_address, folder, tmp_path, ckpt):
     run("vqa", folder, tmp_path / "local.parquet", ckpt, "--questions", questions)
     run("vqa", folder, tmp_path / "cluster", ckpt, "--questions", questions, ray_run=True)
     cluster = table(tmp_path / "cluster")
-    assert cluster == table(tmp_path / "local.parquet") and len(cluster) == 11
+    assert_same_rows(cluster, table(tmp_path / "local.parquet"))
+    assert len(cluster) == 11
     assert [r["error"] for r in cluster if r["id"] == "missing.jpg"] == ["image not found in source"]
 
 

@@ -40,7 +40,7 @@ class ObjectColumns:
     def _scores(self, parsed: list[ParsedObject], tokens: Sequence[int],
                 logprobs: Sequence[float] | None) -> list[float | None]:
         """Each object's mean token log-probability, its tokens being those whose text overlaps the
-        object's span; None throughout where the completion carries no log-probabilities (beam search)."""
+        object's span; None throughout where the completion carries no log-probabilities."""
         if logprobs is None or len(logprobs) != len(tokens):
             return [None] * len(parsed)
         ends = token_ends(self.decode, tokens)

@@ -117,6 +117,7 @@ class BeamOutput:
     finish_reason: str  # "eos" or "length"
     score: float  # the beam's own score: its tokens' summed log-probs / length ** length_penalty
     min_logprob: float  # its least likely token's log-prob (<eos> included)
+    logprobs: list[float]  # each token's of `tokens`
 
 
 @torch.inference_mode()
@@ -191,8 +192,10 @@ def beam_search(model: PaliGemma, ids: torch.Tensor, lengths: torch.Tensor, imag
     outputs = []
     for i in range(n):
         length = int(done_len[i, 0])
-        outputs.append(BeamOutput(*finish(done[i, 0, :length].tolist(), eos_id), score=float(done_scores[i, 0]),
-                                  min_logprob=float(done_lp[i, 0, :length].min())))
+        tokens, reason = finish(done[i, 0, :length].tolist(), eos_id)
+        logprobs = done_lp[i, 0, :length].tolist()
+        outputs.append(BeamOutput(tokens, reason, score=float(done_scores[i, 0]), min_logprob=min(logprobs),
+                                  logprobs=logprobs[: len(tokens)]))
     return outputs
 
 
