@@ -267,6 +267,39 @@ def eval_(
         render_report(report, Console())
 
 
+@app.command(epilog="""Examples:\n
+  vlmbatch report alt.parquet --source ./photos --html report.html\n
+  vlmbatch report alt/ --source ./photos --html report.html --no-embed      (thumbnails in report_files/)\n
+  vlmbatch report alt.parquet --html report.html --max-chars 100 --min-confidence -1.5\n
+The page is one offline file (no network, its own script only): a summary with each flag's count and
+histograms, then each image with every language's text, worst first, to filter, sort and search.""")
+def report(
+    out: str = typer.Argument(..., help="A job's output: a .parquet file or a Parquet dataset folder."),
+    html: Path = typer.Option(..., "--html", help="The HTML page to write."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="What the job read (folder, dataset, manifest): "
+                                         "its images become thumbnails, matched by id. Without it, placeholders."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Flag texts longer than this as too_long "
+                                            "(re-flags every row; default: the job's flags, else 125)."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="Flag rows whose mean token "
+                                                   "log-prob is below this as low_confidence (re-flags every row)."),
+    page_size: int = typer.Option(500, "--page-size", help="Images shown per page."),
+    embed: bool = typer.Option(True, "--embed/--no-embed", help="Thumbnails inside the page (one file), or as "
+                               "files in NAME_files/ beside it."),
+    quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Write an HTML page to review OUT's alt text in: thumbnails, texts, confidence and flags, worst first."""
+    from vlmbatch.review.report import build_report
+
+    with _fatal_errors(debug):
+        done = build_report(out, html, source=source, max_chars=max_chars, min_confidence=min_confidence,
+                            page_size=page_size, embed=embed)
+        if not quiet:
+            flagged = ", ".join(f"{name} {count}" for name, count in done.flags.items() if count) or "no flags"
+            console.print(f"report {done.html}: {done.rows} rows, {done.images} images "
+                          f"({done.thumbnails} with thumbnails), {done.errors} errors; {flagged}",
+                          highlight=False, markup=False, soft_wrap=True)
+
+
 # -- helpers --------------------------------------------------------------------------------------
 _GENERATION_FLAGS = ("max_new_tokens", "num_beams", "temperature", "top_p", "seed")
 
