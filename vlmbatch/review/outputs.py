@@ -77,7 +77,8 @@ class ReviewData:
 def read_output(out: str | os.PathLike, *, max_chars: int | None = None,
                 min_confidence: float | None = None) -> ReviewData:
     """Read OUT (a Parquet file or dataset folder). Flags come from its `flags` column, or from the rules
-    where it has none or where `max_chars` / `min_confidence` are given (the reviewer's own thresholds)."""
+    where a row has none (null, or no such column) or where `max_chars` / `min_confidence` are given
+    (the reviewer's own thresholds)."""
     dataset = _open_dataset(out)
     names = set(dataset.schema.names)
     text_column = next((name for name in ("caption", "answer") if name in names), None)
@@ -126,12 +127,13 @@ def _review_row(values: dict, text_column: str, siglip_column: str | None, recom
                 max_chars: int, min_confidence: float | None) -> ReviewRow:
     text, error = values.get(text_column), values.get("error")
     mean_logprob = _number(values.get("mean_logprob"))
-    if recompute:
+    written = values.get("flags")
+    if recompute or written is None:  # null: a row written before the pipeline flagged rows
         flags = alt_text_flags(text, error=error, truncated=values.get("finish_reason") == "length",
                                mean_logprob=mean_logprob, lang=values.get("lang"), max_chars=max_chars,
                                min_confidence=min_confidence)
     else:
-        flags = [flag for flag in values.get("flags") or () if flag]
+        flags = [flag for flag in written if flag]
     return ReviewRow(lang=values.get("lang"), question=values.get("question"), text=text,
                      mean_logprob=mean_logprob, min_logprob=_number(values.get("min_logprob")),
                      flags=tuple(flags), error=error,
