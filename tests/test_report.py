@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import test_eval_data
 from factory import real_photos
 from PIL import Image
 from selenium import webdriver
@@ -403,3 +404,76 @@ def test_browser_screenshot_for_a_person(browser, mixed, tmp_path):
     assert browser.save_screenshot(str(shot))
     assert Image.open(shot).size[0] >= 1000
     print(f"screenshot of the review page: {shot}")
+
+
+# -- the eval report -------------------------------------------------------------------------------------
+
+vqa_folder = test_eval_data.vqa_folder
+
+
+@pytest.fixture()
+def coco_folder(tmp_path) -> Path:
+    """Official-format COCO captions: captions_val2014.json and val2014/, one image named hostilely."""
+    root = tmp_path / "coco"
+    (root / "val2014").mkdir(parents=True)
+    images, annotations = [], []
+    for number, (name, photo) in enumerate(list(real_photos().items())[:4], start=1):
+        file_name = HOSTILE_NAME if number == 4 else f"COCO_val2014_{number:012d}.jpg"
+        photo.convert("RGB").save(root / "val2014" / file_name, "JPEG")
+        images.append({"id": number, "file_name": file_name})
+        annotations += [{"id": 10 * number + k, "image_id": number, "caption": f"a {name} seen from close by {k}"}
+                        for k in range(4)]
+    annotations.append({"id": 99, "image_id": 1, "caption": HOSTILE_TEXT})
+    (root / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def test_eval_report_has_the_scores_settings_and_the_worst_captions_first(coco_folder, tmp_path):
+    names = list(real_photos())[:4]
+    predictions = write_output(tmp_path / "caps.parquet", [
+        {"id": "1", "caption": f"a {names[0]} seen from close by"},  # near its references
+        {"id": "2", "caption": "nothing alike at all"},
+        {"id": "3", "caption": f"a {names[2]} seen"},
+        {"id": "4", "caption": "</p><script>alert(1)</script>"}], schema=pa.schema([("id", pa.string()),
+                                                                               ("caption", pa.string())]), extra=[])
+    html = tmp_path / "eval.html"
+    result = runner.invoke(app, ["eval", "--dataset", "coco", "--data", str(coco_folder), "--predictions",
+                                 str(predictions), "--metrics", "bleu,rouge,cider", "--report", str(html)])
+    assert result.exit_code == 0, result.output
+    page = html.read_text()
+    scores = dict(re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">([^<]+)</td></tr>", page))
+    assert list(scores) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
+    per_item = [float(x) for x in re.findall(r"CIDEr (\d+\.\d+)", page)]
+    assert len(per_item) == 4 and per_item == sorted(per_item) and per_item[-1] > per_item[0]
+    assert re.findall(r'<article class="card" data-id="([^"]+)"', page)[-1] == "1"  # the best comes last
+    assert page.count('src="data:image/jpeg;base64,') == 4
+    assert "<script>alert(1)" not in page and "<script>window.__pwned" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;window.__pwned" in page  # the hostile reference is shown, as text
+    assert "script-src &#39;none&#39;" in page and "http://" not in page and "https://" not in page
+    assert "(predictions given: no model run)" in page
+
+
+def test_eval_report_of_vqa_has_accuracy_per_answer_type_and_the_questions(vqa_folder, tmp_path, browser):
+    predictions = write_output(tmp_path / "answers.parquet", [
+        {"question_id": "42000", "answer": "yes"}, {"question_id": "42001", "answer": "<b>seven</b>"},
+        {"question_id": "73000", "answer": "red"}],
+        schema=pa.schema([("question_id", pa.string()), ("answer", pa.string())]), extra=[])
+    html = tmp_path / "eval.html"
+    result = runner.invoke(app, ["eval", "--dataset", "vqav2", "--data", str(vqa_folder), "--predictions",
+                                 str(predictions), "--report", str(html)])
+    assert result.exit_code == 0, result.output
+    open_page(browser, html)
+    rows = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#scores tbody tr")]
+    assert rows[0].startswith("overall (VQA accuracy, %)")
+    assert {row.split(":")[1].split()[0] for row in rows[1:]} == {"yes/no", "number", "other"}
+    cards = browser.find_elements(By.CSS_SELECTOR, "#worst article.card")
+    assert cards[0].find_element(By.CSS_SELECTOR, ".question").text == "How many dogs?"
+    assert cards[0].find_element(By.CSS_SELECTOR, ".prediction .text").text == "<b>seven</b>"
+    assert len(browser.execute_script("return [...document.images].filter(i => i.naturalWidth > 0)")) == 3
+    assert [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]] == []
+
+
+def test_eval_report_to_an_unwritable_place_is_refused_before_scoring(vqa_folder, tmp_path):
+    result = runner.invoke(app, ["eval", "--dataset", "vqav2", "--data", str(vqa_folder), "--predictions",
+                                 str(tmp_path / "missing.parquet"), "--report", str(tmp_path / "no" / "e.html")])
+    assert result.exit_code == 2 and "cannot write output" in result.output and "missing" not in result.output

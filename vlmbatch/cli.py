@@ -210,6 +210,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
   vlmbatch eval --dataset coco --data dataset_coco.json --predictions caps.parquet (score only)\n
   vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --limit 200         (a quick check)\n
   vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --predictions answers.parquet\n
+  vlmbatch eval --dataset coco --data ./coco --predictions caps.parquet --report eval.html (scores and worst items)\n
   vlmbatch eval --provision-spice                                                  (fetch SPICE's CoreNLP jars)\n
 Without --predictions the model runs first (prompt "caption en" / "answer en {question}", greedy) and its
 predictions are written beside the scores, resumably; with --predictions no model is loaded.""")
@@ -220,6 +221,8 @@ def eval_(
     predictions: Optional[Path] = typer.Option(None, "--predictions", "-p", help="Score these predictions (Parquet or results JSON) instead of generating."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scores JSON."),
     per_item: Optional[Path] = typer.Option(None, "--per-item", help="Parquet with each item's scores."),
+    report_html: Optional[Path] = typer.Option(None, "--report", help="An HTML page with the scores, the settings "
+                                               "and the 50 worst items (by CIDEr or VQA accuracy) with their images."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset: bleu,meteor,rouge,cider,spice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA).'),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the split's first N items (images, or VQA questions): a quick check."),
@@ -233,6 +236,8 @@ def eval_(
     """Score captions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) or VQAv2 answers (official accuracy)."""
     from vlmbatch.evaluation.metrics.spice import provision_corenlp
     from vlmbatch.evaluation.run import EvalRequest, render_report, run_eval
+    from vlmbatch.review.eval_report import write_eval_report
+    from vlmbatch.review.page import check_writable
 
     with _fatal_errors(debug):
         if provision_spice:
@@ -263,8 +268,14 @@ def eval_(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
             model=model if generating else None, limit=limit,
             settings={"prompt": prompt, "generation": generation.as_dict()} if generating else {})
+        if report_html is not None:
+            check_writable(report_html)  # refused now, not after the model has run
         report = run_eval(request, generate if generating else None)
         render_report(report, Console())
+        if report_html is not None:
+            write_eval_report(report, report_html)
+            if not quiet:
+                console.print(f"report {report_html}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command(epilog="""Examples:\n

@@ -15,6 +15,7 @@ from vlmbatch.review.outputs import Card, ReviewData, read_output
 from vlmbatch.review.page import check_writable, json_chunks, write_page
 from vlmbatch.review.rules import MAX_CHARS
 from vlmbatch.review.thumbnails import Thumbnails, collect_thumbnails
+from vlmbatch.sources.records import ImageRecord
 
 DEFAULT_PAGE_SIZE = 500
 
@@ -51,7 +52,7 @@ def build_report(out: str | os.PathLike, html: str | os.PathLike, *, source: str
     data = read_output(out, max_chars=max_chars, min_confidence=min_confidence)
     with Thumbnails(None if embed else files_folder(html)) as thumbs:
         if source is not None:
-            collect_thumbnails(source, {card.id: number for number, card in enumerate(data.cards)}, thumbs)
+            collect_thumbnails(_open(source), {card.id: number for number, card in enumerate(data.cards)}, thumbs)
         summary = _summary(data, thumbs.count, max_chars, min_confidence)
         meta = {"pageSize": page_size, "hasConfidence": data.has_confidence, "hasSiglip": data.has_siglip,
                 "siglipColumn": data.siglip_column}
@@ -60,6 +61,16 @@ def build_report(out: str | os.PathLike, html: str | os.PathLike, *, source: str
                    summary=summary, meta=meta, cards=json_chunks(_card_items(data.cards, thumbs)))
     return ReportSummary(html=html, rows=summary["rows"], images=summary["images"], errors=summary["errors"],
                          thumbnails=thumbs.count, flags=summary["flags"])
+
+
+def _open(source: str) -> Iterator[ImageRecord]:
+    """The records of --source, opened as a job opens its SOURCE (so ids match the rows')."""
+    from vlmbatch.sources.open import open_source
+
+    try:
+        return iter(open_source(source))
+    except VlmbatchError as exc:
+        raise VlmbatchError(f"--source: {exc}") from None
 
 
 def _card_items(cards: list[Card], thumbs: Thumbnails) -> Iterator[dict]:

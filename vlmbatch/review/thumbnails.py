@@ -8,12 +8,12 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from vlmbatch.errors import ImageDecodeError, VlmbatchError
+from vlmbatch.errors import ImageDecodeError
 from vlmbatch.sinks.atomic import output_errors
 from vlmbatch.sources.images import load_image
-from vlmbatch.sources.records import ImageRef
+from vlmbatch.sources.records import ImageRecord, ImageRef
 
 THUMBNAIL_PX = 256
 _JPEG_QUALITY = 80
@@ -78,22 +78,16 @@ class Thumbnails:
         self.close()
 
 
-def collect_thumbnails(source: str, wanted: Mapping[str, int], store: Thumbnails) -> int:
-    """Read `source` once (the project's own source opening), thumbnailing each record whose id is in
-    `wanted` (id -> card number); an image that is gone or broken gets none. Returns how many were made."""
-    from vlmbatch.sources.open import open_source
-
-    try:
-        records = iter(open_source(source))
-    except VlmbatchError as exc:
-        raise VlmbatchError(f"--source: {exc}") from None
+def collect_thumbnails(records: Iterable[ImageRecord], wanted: Mapping[str, int], store: Thumbnails) -> int:
+    """Thumbnail each record whose id is in `wanted` (id -> number), reading `records` once and only as
+    far as needed; an image that is gone or broken gets none. Returns how many `store` holds."""
     left = set(wanted)
     for record in records:
+        if not left:
+            break
         if record.id in left:
             left.discard(record.id)
             jpeg = thumbnail_jpeg(record.image)
             if jpeg is not None:
                 store.add(wanted[record.id], jpeg)
-            if not left:
-                break
     return store.count
