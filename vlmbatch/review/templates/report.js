@@ -117,4 +117,5 @@
   prev.addEventListener("click", () => { state.page -= 1; render(); window.scrollTo(0, 0); });
   next.addEventListener("click", () => { state.page += 1; render(); window.scrollTo(0, 0); });
   render();
+  performance.mark("vlmbatch-cards-shown");  // when the first page is in the DOM (eval/bench_report.py)
 })();
