@@ -12,6 +12,7 @@ the first page of cards is in the DOM (the page's own `vlmbatch-cards-shown` mar
 click through every page and scroll the last.
 
     python eval/bench_report.py [--workdir /tmp/vlmbatch-bench-report] [--json eval/results/2026-12-07-report.json]
+    python eval/bench_report.py --sizes 20,50 --workdir /tmp/small      (a quick check)
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ DISTINCT, IMAGE_SIZE = 100, (200, 150)
 GOALS = {"build_10k_s": 15.0, "first_paint_s": 2.0}
 
 
-def build(workdir: Path) -> None:
+def build(workdir: Path, sizes: tuple[int, ...]) -> None:
     """The image folder and the outputs, unless an earlier run left them."""
-    if (workdir / f"rows-{SIZES[-1]}.parquet").is_file():
+    if all((workdir / f"rows-{size}.parquet").is_file() for size in sizes):
         return
     sys.path.insert(0, str(REPO / "tests"))
     import factory
@@ -51,14 +52,14 @@ def build(workdir: Path) -> None:
     images.mkdir(exist_ok=True)
     for number, photo in enumerate(factory.distinct_photos(DISTINCT)):
         photo.resize(IMAGE_SIZE).save(base / f"{number:03d}.jpg", quality=85)
-    for number in range(WITH_IMAGES):
+    for number in range(min(WITH_IMAGES, max(sizes))):
         target = images / f"{number:05d}.jpg"
         if not target.exists():
             os.link(base / f"{number % DISTINCT:03d}.jpg", target)
     schema = pa.schema([*CAPTION_SCHEMA, pa.field("lang", pa.string()), pa.field("mean_logprob", pa.float32()),
                         pa.field("min_logprob", pa.float32()), pa.field("flags", pa.list_(pa.string()))])
     sentences, rng = factory._corpus(), random.Random(0)
-    for size in SIZES:
+    for size in sizes:
         rows = []
         for number in range(size):
             failed = number % 100 == 7
@@ -94,6 +95,12 @@ def paint(workdir: Path, sizes: tuple[int, ...]) -> dict[int, dict]:
     try:
         for size in sizes:
             driver.get((workdir / f"report-{size}.html").as_uri())  # returns once the load event fired
+            # A small page can load before its first paint is recorded: wait for the entry.
+            driver.set_script_timeout(30)
+            driver.execute_async_script(
+                "const done = arguments[0]; (function wait() {"
+                " if (performance.getEntriesByName('first-contentful-paint').length) done();"
+                " else requestAnimationFrame(wait); })();")
             timing = driver.execute_script(
                 "const p = performance.getEntriesByType('paint').find(e => e.name === 'first-contentful-paint');"
                 "const n = performance.getEntriesByType('navigation')[0];"
@@ -120,21 +127,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlmbatch-bench-report"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="row counts, comma-separated")
     parser.add_argument("--fresh", action="store_true", help="rebuild the workload")
     args = parser.parse_args()
+    sizes = tuple(int(size) for size in args.sizes.split(","))
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
-    build(args.workdir)
-    reports = [report(args.workdir, size) for size in SIZES]
+    build(args.workdir, sizes)
+    reports = [report(args.workdir, size) for size in sizes]
     for entry in reports:
         print(f"{entry['rows']:>7,} rows ({entry['thumbnails']:,} thumbnails): {entry['seconds']:6.2f} s, "
               f"peak RSS {entry['peak_rss_mb']:.0f} MB, page {entry['html_mb']} MB", flush=True)
-    pages = paint(args.workdir, SIZES)
+    pages = paint(args.workdir, sizes)
     for size, entry in pages.items():
         print(f"{size:>7,} rows in Chromium: first paint {entry['first_contentful_paint_s']} s, first cards "
               f"{entry['cards_shown_s']} s, load "
               f"{entry['load_s']} s, {entry['pages']} pages clicked through in {entry['all_pages_clicked_s']} s")
-    ten_k = next(entry for entry in reports if entry["rows"] == 10_000)
+    # The goals are for 10k rows against 1k; a run of other sizes compares its largest with images to its least.
+    imaged = [entry for entry in reports if entry["thumbnails"]] or reports
+    ten_k = next((entry for entry in reports if entry["rows"] == 10_000), imaged[-1])
     verdict = {"build_10k_s": ten_k["seconds"], "build_10k_goal_met": ten_k["seconds"] <= GOALS["build_10k_s"],
                "peak_rss_10k_over_1k": round(ten_k["peak_rss_mb"] / reports[0]["peak_rss_mb"], 2),
                "first_paint_worst_s": max(p["first_contentful_paint_s"] for p in pages.values()),

@@ -477,3 +477,18 @@ def test_eval_report_to_an_unwritable_place_is_refused_before_scoring(vqa_folder
     result = runner.invoke(app, ["eval", "--dataset", "vqav2", "--data", str(vqa_folder), "--predictions",
                                  str(tmp_path / "missing.parquet"), "--report", str(tmp_path / "no" / "e.html")])
     assert result.exit_code == 2 and "cannot write output" in result.output and "missing" not in result.output
+
+
+def test_the_report_benchmark_runs_on_a_tiny_workload(tmp_path):
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "eval" / "bench_report.py"
+    result = subprocess.run([sys.executable, str(bench), "--sizes", "12,30", "--workdir", str(tmp_path / "w"),
+                             "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads((tmp_path / "r.json").read_text())
+    assert [entry["rows"] for entry in found["reports"]] == [12, 30]
+    assert [entry["thumbnails"] for entry in found["reports"]] == [12, 30]
+    assert found["chromium"]["30"]["cards_first_page"] == 30 and found["chromium"]["30"]["pages"] == 1
+    assert 0 < found["verdict"]["first_paint_worst_s"] < 30
