@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -133,12 +134,14 @@ def test_several_languages_of_an_image_are_one_card(tmp_path):
 
 def test_vqa_output_groups_questions_and_an_old_output_without_new_columns_reads(tmp_path):
     rows = [{"id": "a.jpg", "question_id": str(n), "question": q, "answer": a, "error": None}
-            for n, (q, a) in enumerate([("what color?", "red"), ("how many?", ""), ("where?", "park")])]
+            for n, (q, a) in enumerate([("what color?", "red"), ("how many?", ""), ("where?", "park"),
+                                        ("<iframe src=javascript:alert(1)>?", "no")])]
     out = write_output(tmp_path / "vqa.parquet", rows, VQA_SCHEMA, extra=[])
     done = build_report(out, tmp_path / "vqa.html")
     html = (tmp_path / "vqa.html").read_text()
-    assert (done.rows, done.images, done.flags["empty"]) == (3, 1, 1)
-    assert [r[1] for r in data_cards(html)[0]["r"]] == ["what color?", "how many?", "where?"]
+    assert (done.rows, done.images, done.flags["empty"]) == (4, 1, 1)
+    assert [r[1] for r in data_cards(html)[0]["r"]][:3] == ["what color?", "how many?", "where?"]
+    assert "<iframe" not in html and "\\u003ciframe src=javascript:alert(1)\\u003e?" in html
     assert '<option value="confidence">' not in html  # no confidence column: nothing to sort by
 
 
@@ -250,6 +253,15 @@ def test_bad_input_is_one_line_and_exit_2(case, mixed, tmp_path):
 def write_text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_a_source_that_matches_no_id_is_said(mixed, tmp_path):
+    out, _ = mixed
+    other = image_folder(tmp_path / "other", ["unrelated.jpg"])
+    result = runner.invoke(app, ["report", str(out), "--source", str(other), "--html", str(tmp_path / "r.html"),
+                                 "--quiet"])
+    assert result.exit_code == 0 and result.output.startswith("warning: no image of ")
+    assert (tmp_path / "r.html").is_file()
 
 
 def test_help_gives_examples():
@@ -394,6 +406,21 @@ def test_browser_shows_hostile_strings_as_text_and_runs_none(browser, tmp_path):
     assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"], #cards script').length") == 0
     assert len(browser.execute_script("return [...document.images].filter(i => i.naturalWidth > 0)")) == 2
     assert no_dialog(browser)
+
+
+def test_browser_opens_and_pages_a_100k_row_report(browser, tmp_path):
+    rows = [caption_row(f"{n:06d}.jpg", f"caption number {n}", mean=-(n % 1000) / 100) for n in range(100_000)]
+    done = build_report(write_output(tmp_path / "alt.parquet", rows), tmp_path / "r.html")
+    assert done.rows == 100_000
+    started = time.perf_counter()
+    open_page(browser, tmp_path / "r.html")
+    assert time.perf_counter() - started < 20  # opens (the figure itself is eval/bench_report.py's)
+    assert len(shown_ids(browser)) == 500 and browser.find_element(By.ID, "pageinfo").text == \
+        "page 1 of 200 · 100000 images"
+    browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    assert browser.execute_script("return window.scrollY") > 10_000  # a page long enough to scroll
+    browser.find_element(By.ID, "search").send_keys("number 99999")
+    assert shown_ids(browser) == ["099999.jpg"]
 
 
 def test_browser_screenshot_for_a_person(browser, mixed, tmp_path):

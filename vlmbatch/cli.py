@@ -309,6 +309,9 @@ def report(
             console.print(f"report {done.html}: {done.rows} rows, {done.images} images "
                           f"({done.thumbnails} with thumbnails), {done.errors} errors; {flagged}",
                           highlight=False, markup=False, soft_wrap=True)
+        if source is not None and done.images and not done.thumbnails:  # said even with --quiet
+            console.print(f"[yellow]warning:[/] no image of {escape(source)} has an id of {escape(out)}: is it the "
+                          "source the job read?", highlight=False, soft_wrap=True)
 
 
 # -- helpers --------------------------------------------------------------------------------------

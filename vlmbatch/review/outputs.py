@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from vlmbatch.review.rules import FLAGS, MAX_CHARS, alt_text_flags
 _COLUMNS = ("id", "caption", "answer", "question", "question_id", "lang", "mean_logprob", "min_logprob",
             "flags", "error", "finish_reason", "siglip_prob", "siglip_cos")
 _BATCH_ROWS = 8192
+_FLAG_SETS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +136,9 @@ def _review_row(values: dict, text_column: str, siglip_column: str | None, recom
                                min_confidence=min_confidence)
     else:
         flags = [flag for flag in written if flag]
-    return ReviewRow(lang=values.get("lang"), question=values.get("question"), text=text,
+    lang = values.get("lang")
+    # Few distinct languages and flag sets among many rows: share one object of each (memory per row).
+    return ReviewRow(lang=sys.intern(lang) if lang else lang, question=values.get("question"), text=text,
                      mean_logprob=mean_logprob, min_logprob=_number(values.get("min_logprob")),
-                     flags=tuple(flags), error=error,
+                     flags=_FLAG_SETS.setdefault(tuple(flags), tuple(flags)), error=error,
                      siglip=_number(values.get(siglip_column)) if siglip_column else None)
