@@ -122,7 +122,8 @@ def _open_dataset(out: str | os.PathLike):
 
 
 def _number(value) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    """A score as the page shows it: NaN and infinities (nothing JSON can carry) as unknown."""
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _review_row(values: dict, text_column: str, siglip_column: str | None, recompute: bool,
