@@ -49,10 +49,11 @@ def build_report(out: str | os.PathLike, html: str | os.PathLike, *, source: str
         raise VlmbatchError(f"--max-chars must be at least 1, not {max_chars}")
     html = Path(html)
     check_writable(html)
+    records = _open(source) if source is not None else None  # lazy: a wrong --source is said before any work
     data = read_output(out, max_chars=max_chars, min_confidence=min_confidence)
     with Thumbnails(None if embed else files_folder(html)) as thumbs:
-        if source is not None:
-            collect_thumbnails(_open(source), {card.id: number for number, card in enumerate(data.cards)}, thumbs)
+        if records is not None:
+            collect_thumbnails(records, {card.id: number for number, card in enumerate(data.cards)}, thumbs)
         summary = _summary(data, thumbs.count, max_chars, min_confidence)
         meta = {"pageSize": page_size, "hasConfidence": data.has_confidence, "hasSiglip": data.has_siglip,
                 "siglipColumn": data.siglip_column}
