@@ -324,14 +324,17 @@ def shown_ids(driver) -> list[str]:
             for card in driver.find_elements(By.CSS_SELECTOR, "#cards article.card")]
 
 
-def requested_urls(driver) -> list[str]:
-    """Every URL the page asked for, as Chromium's network layer logged it (DevTools protocol)."""
-    urls = []
+def requests(driver) -> dict[str, str | None]:
+    """Every URL the page asked for since the last call, as Chromium's network layer logged it (DevTools
+    protocol), with why it was blocked (e.g. "csp"), None if it was not."""
+    urls, blocked = {}, {}
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
+            urls[message["params"]["requestId"]] = message["params"]["request"]["url"]
+        elif message["method"] == "Network.loadingFailed":
+            blocked[message["params"]["requestId"]] = message["params"].get("blockedReason")
+    return {url: blocked.get(request) for request, url in urls.items()}
 
 
 def no_dialog(driver) -> bool:
@@ -349,7 +352,7 @@ def test_browser_shows_rows_worst_first_and_loads_nothing_from_outside(browser, 
     assert shown_ids(browser) == WORST_FIRST
     loaded = browser.execute_script("return [...document.images].map(i => [i.complete, i.naturalWidth])")
     assert len(loaded) == 5 and all(done and 0 < width <= 256 for done, width in loaded)  # 'self' lets them in
-    urls = requested_urls(browser)
+    urls = requests(browser)
     assert urls and all(url.startswith(("file:", "data:")) for url in urls), urls
     resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(name.startswith(("file:", "data:")) for name in resources), resources
@@ -408,6 +411,25 @@ def test_browser_shows_hostile_strings_as_text_and_runs_none(browser, tmp_path):
     assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"], #cards script').length") == 0
     assert len(browser.execute_script("return [...document.images].filter(i => i.naturalWidth > 0)")) == 2
     assert no_dialog(browser)
+
+
+def test_browser_enforces_the_policy_on_anything_injected(browser, mixed, tmp_path):
+    out, _ = mixed
+    build_report(out, tmp_path / "r.html")
+    open_page(browser, tmp_path / "r.html")
+    refused = browser.execute_async_script("""
+        const done = arguments[0], refused = [];
+        document.addEventListener("securitypolicyviolation", (e) => refused.push(e.violatedDirective));
+        const script = document.createElement("script");
+        script.textContent = "window.__injected = 1";
+        document.body.appendChild(script);
+        const image = document.createElement("img");
+        image.src = "http://127.0.0.1:9/x.png";
+        document.body.appendChild(image);
+        setTimeout(() => done([window.__injected === undefined, refused.sort()]), 300);""")
+    assert refused == [True, ["img-src", "script-src-elem"]]  # neither ran nor loaded: the policy is in force
+    remote = {url: blocked for url, blocked in requests(browser).items() if not url.startswith(("file:", "data:"))}
+    assert remote == {"http://127.0.0.1:9/x.png": "csp"}  # announced, then blocked before it left
 
 
 def test_browser_opens_and_pages_a_100k_row_report(browser, tmp_path):
