@@ -45,7 +45,7 @@ def build(workdir: Path, sizes: tuple[int, ...]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlmbatch.pipeline import CAPTION_SCHEMA
+    from vlmbatch.sinks.rows import CAPTION_SCHEMA
 
     base, images = workdir / "base", workdir / "images"
     base.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,10 @@ def test_a_relative_model_path_is_taken_from_the_spec_folder_and_a_hub_id_is_lef
     cases = {"../models/pg": str(tmp_path / "models" / "pg"), "checkpoints/pg": str(spec.parent / "checkpoints/pg"),
              "google/paligemma2-3b-mix-224": "google/paligemma2-3b-mix-224", "pg": "pg",
              str(tmp_path / "models" / "pg"): str(tmp_path / "models" / "pg")}
-    for given, expected in cases.items():
-        spec.write_text(f'task = "caption"\nsource = "x"\nout = "y.parquet"\nmodel = "{given}"\n')
-        assert load_job_spec(spec).model == expected, given
+    for key in ("model", "score_with"):  # the captioning checkpoint, and the SigLIP one scoring its captions
+        for given, expected in cases.items():
+            spec.write_text(f'task = "caption"\nsource = "x"\nout = "y.parquet"\n{key} = "{given}"\n')
+            assert getattr(load_job_spec(spec), key) == expected, (key, given)
 
 
 def test_generation_settings_are_set_at_either_level_and_overridden_by_either_name(tmp_path):
@@ -84,6 +85,9 @@ def test_spec_errors_are_clear(tmp_path):
         load_job_spec(spec)
     with pytest.raises(VlmbatchError, match="not found"):
         load_job_spec(tmp_path / "none.toml")
+    spec.write_text('task = "vqa"\nsource = "x"\nout = "y.parquet"\nquestion = "what?"\nscore_with = "s"\n')
+    with pytest.raises(VlmbatchError, match="score_with scores captions"):
+        load_job_spec(spec)
     result = CliRunner().invoke(app, ["run", str(spec), "--set", "oops"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
 

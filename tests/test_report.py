@@ -27,7 +27,7 @@ from selenium.webdriver.support.ui import Select
 from typer.testing import CliRunner
 
 from vlmbatch.cli import app
-from vlmbatch.pipeline import CAPTION_SCHEMA, VQA_SCHEMA
+from vlmbatch.sinks.rows import CAPTION_SCHEMA, VQA_SCHEMA
 from vlmbatch.review.report import build_report
 from vlmbatch.sinks.dataset_dir import LOCK_NAME
 
@@ -160,10 +160,12 @@ def test_a_dataset_folder_reads_as_one_output_with_each_key_latest(tmp_path):
 def test_siglip_score_is_shown_and_sortable(tmp_path):
     rows = [caption_row("a.jpg", "A cat", siglip_prob=0.9), caption_row("b.jpg", "A dog", siglip_prob=0.1),
             caption_row("c.jpg", "A cow", mean=float("nan"), siglip_prob=float("inf"))]  # shown as unknown
-    out = write_output(tmp_path / "alt.parquet", rows, extra=[*NEW_FIELDS, pa.field("siglip_prob", pa.float32())])
+    out = write_output(tmp_path / "alt.parquet", rows)  # the caption schema has the SigLIP columns
     build_report(out, tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
     assert '<option value="siglip">lowest siglip_prob</option>' in html
+    build_report(write_output(tmp_path / "unscored.parquet", mixed_rows()), tmp_path / "unscored.html")
+    assert 'value="siglip"' not in (tmp_path / "unscored.html").read_text()  # columns all null: not scored yet
     assert [c["r"][0][7] and round(c["r"][0][7], 2) for c in data_cards(html)] == [0.9, 0.1, None]
     assert data_cards(html)[2]["r"][0][3] is None
 

@@ -32,13 +32,16 @@ from vlmbatch import __version__
 from vlmbatch.errors import VlmbatchError, VlmbatchWarning
 from vlmbatch.spec import (
     DEFAULT_CAPTION_PROMPT,
+    DEFAULT_SCORE_MODEL,
     DEFAULT_VQA_TEMPLATE,
     GenerationSettings,
     JobSpec,
+    ScoreSpec,
 )
 
 if TYPE_CHECKING:
     from vlmbatch.pipeline import Job, Summary
+    from vlmbatch.scoring import ScoreSummary
 
 # torch, the model and the pipeline are imported by the commands that run a model, not here: `--help`,
 # `--version`, a bad flag or spec, and scoring saved predictions answer without them (vlmbatch.spec).
@@ -53,6 +56,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 _GEN = GenerationSettings()
 _JOB = {f.name: f.default for f in fields(JobSpec) if f.default is not MISSING}
+_SCORE = {f.name: f.default for f in fields(ScoreSpec) if f.default is not MISSING}
 
 # -- shared options ---------------------------------------------------------------------------------
 # Every default is the spec's own (vlmbatch.spec): a flag left out and a key left out of a job spec mean
@@ -154,6 +158,9 @@ def caption(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
     out: str = OutOpt,
     prompt: str = typer.Option(_JOB["prompt"], "--prompt", help="Prompt given with every image."),
+    score_with: Optional[str] = typer.Option(_JOB["score_with"], "--score-with", help="A SigLIP checkpoint (e.g. "
+                                             f"{DEFAULT_SCORE_MODEL}) scoring each new caption against its image as "
+                                             "it is written (siglip_prob, siglip_cos); see `vlmbatch score`."),
 ) -> None:
     """Caption every image of SOURCE into a Parquet file (columns id, caption, error, …)."""
 
@@ -172,6 +179,41 @@ def vqa(
     prompt_template: str = typer.Option(_JOB["prompt_template"], "--prompt-template", help="Prompt; {question} is replaced."),
 ) -> None:
     """Answer questions about the images of SOURCE into a Parquet file (id, question_id, question, answer, error, …)."""
+
+
+@app.command(epilog="""Examples:\n
+  vlmbatch score captions.parquet --source ./photos\n
+  vlmbatch score alt/ --source ./photos --model google/siglip-base-patch16-224 --batch-size 32\n
+Adds siglip_prob (SigLIP's match probability, sigmoid(scale * cos + bias)), siglip_cos and siglip_weights
+to every caption row of OUT, in place. Resumable: a rerun scores only rows no run scored yet (new or
+redone captions). Rows scored by other weights are refused unless --overwrite, which scores them again.""")
+def score(
+    out: str = typer.Argument(..., help="A caption output: .parquet file or Parquet dataset folder."),
+    source: str = typer.Option(..., "--source", "-s", help="What OUT was captioned from: its images are read again."),
+    model: str = typer.Option(DEFAULT_SCORE_MODEL, "--model", "-m", help="SigLIP checkpoint (folder or Hub id)."),
+    batch_size: int = typer.Option(_SCORE["batch_size"], "--batch-size", "-b", help="Images embedded together."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Score again the rows other SigLIP weights scored."),
+    split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
+    confine: bool = ConfineOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    cpu_matmul: str = CpuMatmulOpt, workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt,
+    quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Score each caption of OUT against its image with SigLIP, no reference captions needed."""
+    with _fatal_errors(debug):
+        spec = ScoreSpec(out=out, source=source, model=model, batch_size=batch_size, overwrite=overwrite,
+                         split=split, image_column=image_column, id_column=id_column, confine=confine,
+                         device=device, dtype=dtype, cpu_matmul=cpu_matmul, workers=workers, flush_rows=flush_rows)
+        from vlmbatch.scoring import ScoreJob
+
+        job = ScoreJob(spec)
+        if not quiet:
+            console.print(f"[bold]score[/] {escape(spec.out)} ← {escape(job.source.description)}  (model "
+                          f"{escape(spec.model)}, {job.device}, {str(job.dtype).removeprefix('torch.')})",
+                          highlight=False)
+        with _progress(job.source, "score", quiet) as update:
+            summary = job.run(update)
+        if not quiet:
+            _print_score_summary(summary)
 
 
 @app.command(epilog="""Examples:\n
@@ -227,6 +269,10 @@ def eval_(
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA).'),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the split's first N items (images, or VQA questions): a quick check."),
     provision_spice: bool = typer.Option(False, "--provision-spice", help="Download SPICE's Stanford CoreNLP 3.6.0 jars into the cache."),
+    score_with: Optional[str] = typer.Option(None, "--score-with", help="Captions: a SigLIP checkpoint scoring each "
+                                             "generated caption; the mean match probability and CLIP-S over SigLIP "
+                                             "are reported beside the reference metrics (as they are for predictions "
+                                             "scored by `vlmbatch score`)."),
     model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
     devices: Optional[str] = DevicesOpt, dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt,
@@ -250,14 +296,17 @@ def eval_(
         # Built now, so that a flag out of bounds is refused before the dataset loads; generate() completes it.
         flags = JobSpec(task="caption", source=data or dataset, out=Path(), model=model, batch_size=batch_size,
                         device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, cuda_graph=cuda_graph,
-                        overwrite=overwrite, recover=recover, workers=workers, generation=generation)
+                        overwrite=overwrite, recover=recover, workers=workers, generation=generation,
+                        score_with=score_with)
 
         def generate(task, records, questions, out_path: Path) -> Path:
             from vlmbatch.sources.records import Source
 
             default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
+            if task != "caption" and score_with:
+                raise VlmbatchError("--score-with scores captions; VQA answers are not scored")
             spec = replace(flags, task=task, out=out_path, prompt=prompt or default_prompt,
-                           prompt_template=prompt or default_prompt)
+                           prompt_template=prompt or default_prompt, score_with=score_with if task == "caption" else None)
             source = Source(description=f"{dataset} {split or ''}".strip(), size=None, records=lambda: iter(records))
             _run(_job(spec, source=source, questions=questions), quiet)
             return out_path
@@ -460,7 +509,7 @@ def _run(job: Job, quiet: bool) -> Summary:
         console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "
                       f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')}{fast_path})",
                       highlight=False)
-    with _progress(job, quiet) as update:
+    with _progress(job.source, spec.task, quiet) as update:
         summary = job.run(update)
     if not quiet:
         _print_summary(summary)
@@ -472,20 +521,21 @@ def _run(job: Job, quiet: bool) -> Summary:
 
 
 @contextmanager
-def _progress(job: Job, quiet: bool):
+def _progress(source, task: str, quiet: bool):
+    """A progress callback for a job over `source`: a bar on a terminal, else a plain line every 10 s."""
     if quiet:
         yield None
         return
-    total = job.source.size
-    if total is None and job.source.count is not None:
-        total = job.source.count()  # a folder's listing: quick beside captioning it, and it gives an ETA
+    total = source.size
+    if total is None and source.count is not None:
+        total = source.count()  # a folder's listing: quick beside captioning it, and it gives an ETA
     if console.is_terminal:
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]:.1f} img/s · {task.fields[errors]} errors"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task(job.spec.task, total=total, rate=0.0, errors=0)
-            yield lambda s: bar.update(task, completed=s.images + s.images_skipped, rate=s.images_per_second,
+            bar_task = bar.add_task(task, total=total, rate=0.0, errors=0)
+            yield lambda s: bar.update(bar_task, completed=s.images + s.images_skipped, rate=s.images_per_second,
                                        errors=s.errors)
         return
     last = [0.0]
@@ -496,11 +546,11 @@ def _progress(job: Job, quiet: bool):
         now = time.monotonic()
         if now - last[0] >= 10:
             last[0] = now
-            print(_progress_line(job.spec.task, s, total), file=sys.stderr, flush=True)
+            print(_progress_line(task, s, total), file=sys.stderr, flush=True)
 
     yield plain
     if latest:  # and one as the run ends, whose counts are the summary's
-        print(_progress_line(job.spec.task, latest[0], total), file=sys.stderr, flush=True)
+        print(_progress_line(task, latest[0], total), file=sys.stderr, flush=True)
 
 
 def _progress_line(task: str, s: Summary, total: int | None) -> str:
@@ -530,6 +580,25 @@ def _print_summary(summary: Summary) -> None:
     table.add_row("images processed", str(summary.images))
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("throughput", f"{summary.images_per_second:.2f} images/s")
+    console.print(table)
+
+
+
+def _print_score_summary(summary: ScoreSummary) -> None:
+    table = Table(title="vlmbatch score", show_header=False)
+    table.add_row("output", str(summary.out))
+    table.add_row("rows scored", str(summary.written))
+    if summary.mean_prob is not None:
+        table.add_row("mean siglip_prob (this run)", f"{summary.mean_prob:.4f}")
+    table.add_row("already scored (skipped)", str(summary.already_done))
+    for label, count in (("error rows (no caption, not scored)", summary.unscorable),
+                         ("image unreadable now (not scored)", summary.errors),
+                         ("image replaced since captioned (caption again first)", summary.changed),
+                         ("id not in source (not scored)", summary.missing)):
+        if count:
+            table.add_row(label, str(count))
+    table.add_row("images read", str(summary.images))
+    table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
 
 

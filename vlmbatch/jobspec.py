@@ -1,9 +1,9 @@
 """Declarative job specs (`pipelines/*.toml`) for scheduled runs: `vlmbatch run SPEC.toml`.
 
 A spec names the same things as the command-line flags. Relative paths are taken from the spec
-file's folder, so a cron entry works whatever its working directory. So is a relative model path:
-one that starts with '.' or names a folder beside the spec; anything else is passed on as given
-(a Hub id, owner/name).
+file's folder, so a cron entry works whatever its working directory. So is a relative model path
+(`model`, `score_with`): one that starts with '.' or names a folder beside the spec; anything else
+is passed on as given (a Hub id, owner/name).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 _PATH_KEYS = ("source", "out", "questions")
+_MODEL_KEYS = ("model", "score_with")  # a checkpoint folder beside the spec, or a Hub id
 _JOB_KEYS = {f.name for f in dataclasses.fields(JobSpec)} - {"generation"}
 _GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationSettings)}
 
@@ -63,11 +64,12 @@ def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> 
             value = os.path.expanduser(value)
             folder = value.endswith(("/", os.sep))  # a trailing '/' says a folder output: kept
             raw[key] = os.path.normpath(path.parent.absolute() / value) + (os.sep if folder else "")
-    model = raw.get("model")
-    if isinstance(model, str) and not Path(model).expanduser().is_absolute():
-        beside = path.parent.absolute() / model
-        if model.startswith(".") or beside.is_dir():
-            raw["model"] = os.path.normpath(beside)
+    for key in _MODEL_KEYS:
+        model = raw.get(key)
+        if isinstance(model, str) and not Path(model).expanduser().is_absolute():
+            beside = path.parent.absolute() / model
+            if model.startswith(".") or beside.is_dir():
+                raw[key] = os.path.normpath(beside)
     try:
         return JobSpec(generation=GenerationSettings(**generation), **raw)
     except (TypeError, ValueError) as exc:

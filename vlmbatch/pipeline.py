@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping
 
-import pyarrow as pa
 import torch
 
 from vlmbatch import __version__
 from vlmbatch.engine.devices import WorkerSpec, cpu_threads_per_worker, run_on_devices
 from vlmbatch.engine.scheduler import Completion, Engine, ImageWork
+from vlmbatch.engine.scorer import Scorer
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.model.blocks import CPU_MATMULS, choose_cpu_matmul
 from vlmbatch.model.loading import (
@@ -42,6 +42,7 @@ from vlmbatch.model.memory import (
 )
 from vlmbatch.model.processor import Processor
 from vlmbatch.sinks.outputs import is_folder_output, open_sink, written_paths
+from vlmbatch.sinks.rows import FAILURE_COLUMN, KEYS, SCHEMAS, VERSION_COLUMN
 from vlmbatch.sources.decode import decode_stream
 from vlmbatch.sources.open import open_source
 from vlmbatch.sources.questions import group_by_image, load_questions
@@ -51,16 +52,7 @@ from vlmbatch.spec import JobSpec
 SINGLE_QUESTION_ID = "0"
 MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
 
-_COMMON_FIELDS = [
-    pa.field("error", pa.string()),
-    pa.field("prompt", pa.string()),
-    pa.field("num_tokens", pa.int32()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("image_version", pa.string()),  # the image file's "<size>:<mtime_ns>" when read (records.file_version)
-]
-CAPTION_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("caption", pa.string()), *_COMMON_FIELDS])
-VQA_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("question_id", pa.string()),
-                        pa.field("question", pa.string()), pa.field("answer", pa.string()), *_COMMON_FIELDS])
+_EMBED = "_siglip_embed"  # a row's image embedding, between decoding and its caption (never written)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -172,10 +164,11 @@ class Job:
         check_weights(self.checkpoint, shapes)  # the weights themselves load once an image needs them
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
+        # Scores are per row (`siglip_weights` says whose), not a setting: an output's rows may be scored later.
+        self.scorer = Scorer(spec.score_with, self.device, self.dtype, self.cpu_matmul) if spec.score_with else None
         self.sink = open_sink(
-            spec.out, CAPTION_SCHEMA if spec.task == "caption" else VQA_SCHEMA,
-            key=("id",) if spec.task == "caption" else ("id", "question_id"),
-            failure_column="error", version_column="image_version",
+            spec.out, SCHEMAS[spec.task], key=KEYS[spec.task],
+            failure_column=FAILURE_COLUMN, version_column=VERSION_COLUMN,
             settings=self.settings(), metadata=self.metadata(), overwrite=spec.overwrite, recover=spec.recover,
             flush_rows=spec.flush_rows)
 
@@ -343,8 +336,10 @@ class Job:
               errors: queue.SimpleQueue) -> Iterator[ImageWork]:
         """Decoded images with their prompts for the engine, each carrying (as its context) the rows its
         completions complete; what cannot go to the engine becomes an error row on `errors`."""
-        decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image,
-                                self.config.vision.image_size, self.decode_workers)
+        size = self.config.vision.image_size
+        sizes = (size, self.scorer.image_size) if self.scorer else size  # one decode serves both models
+        decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image, sizes,
+                                self.decode_workers)
         for item, pixels in decoded:
             summary.images += 1
             record = item.record
@@ -352,13 +347,16 @@ class Job:
                 for _, prompt, q in item.prompts:
                     errors.put(self._row(record.id, q, prompt, version=record.version, error=pixels))
                 continue
+            if self.scorer:  # the image's SigLIP embedding waits in its rows for their captions
+                pixels, score_pixels = pixels
+                embed = self.scorer.image_embeds([score_pixels])
             prompts, rows = [], {}
             for key, _, ids, row, error in self._engine_prompts(item):
                 if error is not None:
                     errors.put({**row, "error": error, "finish_reason": "error"})
                     continue
                 prompts.append((key, ids))
-                rows[key] = row
+                rows[key] = {**row, _EMBED: embed} if self.scorer else row
             if prompts:
                 yield ImageWork(pixels, prompts, context=rows)
 
@@ -415,9 +413,13 @@ class Job:
         return run_on_devices(work, self.devices, worker)
 
     def _completion_row(self, completion: Completion) -> dict:
-        """The row its image's work left for this completion, filled in."""
-        return {**completion.context[completion.key], self.spec.answer_column: self.processor.decode(completion.tokens),
-                "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
+        """The row its image's work left for this completion, filled in (and scored, with --score-with)."""
+        row = {**completion.context[completion.key], self.spec.answer_column: self.processor.decode(completion.tokens),
+               "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
+        if self.scorer:
+            [(prob, cos)] = self.scorer.score(row.pop(_EMBED), [row[self.spec.answer_column]])
+            row.update(siglip_prob=prob, siglip_cos=cos, siglip_weights=self.scorer.fingerprint)
+        return row
 
 
 def ray_runner():

@@ -18,6 +18,7 @@ from pathlib import Path
 from vlmbatch.errors import VlmbatchError
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
+DEFAULT_SCORE_MODEL = "google/siglip-so400m-patch14-384"  # the SigLIP that PaliGemma's vision tower comes from
 DEFAULT_CAPTION_PROMPT = "caption en"
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
 TASKS = ("caption", "vqa")
@@ -191,6 +192,7 @@ class JobSpec:
     ray: str | None = None  # run on a Ray cluster: "auto", "HOST:PORT" or "ray://HOST:10001" (vlmbatch.distributed)
     ray_workers: str | None = None  # engine actors: "N", or "MIN-MAX" for an autoscaling pool (default 1)
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else CPU workers; 0: CPU workers
+    score_with: str | None = None  # caption: a SigLIP checkpoint scoring each new caption as it is written
 
     def __post_init__(self):
         _validate(self)
@@ -201,6 +203,10 @@ class JobSpec:
         if self.ray is not None and self.devices is not None:
             raise SpecError("ray and devices exclude each other: on a cluster use ray_workers")
         self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
+        if self.score_with is not None and self.task != "caption":
+            raise SpecError("score_with scores captions: it needs the caption task")
+        if self.score_with is not None and self.ray is not None:
+            raise SpecError("score_with is not available with ray yet: run `vlmbatch score OUT` after the job")
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -218,3 +224,26 @@ class JobSpec:
     @property
     def answer_column(self) -> str:
         return "caption" if self.task == "caption" else "answer"
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """`vlmbatch score`: SigLIP scores added to the caption rows of an existing output."""
+
+    out: Location  # the caption output, a .parquet file or a dataset folder
+    source: str  # what it was captioned from: its images are read again
+    model: str = DEFAULT_SCORE_MODEL
+    split: str | None = None
+    image_column: str | None = None
+    id_column: str | None = None
+    confine: bool = False
+    device: str = "auto"
+    dtype: str | None = None
+    cpu_matmul: str = "auto"
+    batch_size: int = 16  # images embedded together
+    workers: int | None = None
+    overwrite: bool = False  # rescore rows that other SigLIP weights scored (never deletes a row)
+    flush_rows: int = DEFAULT_FLUSH_ROWS
+
+    def __post_init__(self):
+        _validate(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,11 +27,13 @@ class Predictions:
     failed: int = 0
     unmatched: int = 0
     duplicates: int = 0
+    siglip: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (siglip_prob, siglip_cos)
 
     def only(self, ids: Iterable[str]) -> "Predictions":
         """The texts for these ids alone (the items a --limit run scores); the counts stay the file's."""
         keep = set(ids)
-        return replace(self, texts={key: text for key, text in self.texts.items() if key in keep})
+        return replace(self, texts={key: text for key, text in self.texts.items() if key in keep},
+                       siglip={key: score for key, score in self.siglip.items() if key in keep})
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -85,6 +87,8 @@ def _collect(rows: list[dict[str, Any]], id_column: str, text_column: str,
             result.duplicates += 1
         else:
             result.texts[key] = str(text)
+            if row.get("siglip_prob") is not None:  # scored by `vlmbatch score` or `--score-with`
+                result.siglip[key] = (float(row["siglip_prob"]), float(row["siglip_cos"]))
     return result
 
 

@@ -207,6 +207,24 @@ def _caption_rows(scores: CaptionScores, predictions: Predictions) -> dict[str, 
             **scores.per_item}
 
 
+def siglip_scores(predictions: Predictions, image_ids: list[str], rows: dict[str, list[Any]],
+                  skipped: dict[str, str]) -> dict[str, float]:
+    """The reference-free scores beside the reference metrics, where the predictions carry SigLIP's: the
+    mean match probability, and CLIPScore's form over SigLIP's cosine, 2.5 · max(cos, 0) (Hessel et
+    al., 2021), named as such: it is not CLIP's own CLIP-S. Per item too, in `rows`."""
+    if not predictions.siglip:
+        return {}
+    pairs = [predictions.siglip.get(image_id) for image_id in image_ids]
+    rows["siglip_prob"] = [pair and pair[0] for pair in pairs]
+    rows["clip_s_siglip"] = [pair and 2.5 * max(pair[1], 0.0) for pair in pairs]
+    scored = [pair for pair in pairs if pair is not None]
+    if len(scored) < len(pairs):
+        skipped["SigLIP"] = (f"SigLIP scores cover {len(scored):,} of {len(pairs):,} scored images: run "
+                             "`vlmbatch score` on the predictions for the rest")
+    return {"SigLIP_prob": sum(p for p, _ in scored) / len(scored),
+            "CLIP-S_SigLIP": sum(2.5 * max(c, 0.0) for _, c in scored) / len(scored)}
+
+
 def _vqa_rows(scores: VqaScores, bench: VqaSet) -> dict[str, list[Any]]:
     by_id = {item.question_id: item for item in bench.items}
     items = [by_id[question_id] for question_id in scores.question_ids]
@@ -261,6 +279,7 @@ def run_eval(request: EvalRequest, generate: GenerateFn | None = None, *,
         scores: dict[str, Any] = dict(caption_scores.corpus)
         rows, skipped, timings = (_caption_rows(caption_scores, predictions), caption_scores.skipped,
                                   caption_scores.timings)
+        scores.update(siglip_scores(predictions, caption_scores.image_ids, rows, skipped))
     else:
         vqa_scores = score_vqa(bench.items, predictions.texts)
         scores, rows, skipped, timings = vqa_scores.to_dict(), _vqa_rows(vqa_scores, bench), {}, {}

@@ -16,6 +16,7 @@ from vlmbatch.review.thumbnails import Thumbnails, collect_thumbnails
 WORST_ITEMS = 50
 # The per-item score the worst items are ranked by, best first where several were computed.
 _CAPTION_RANKING = ("CIDEr", "SPICE", "Bleu_4", "METEOR", "ROUGE_L", "Bleu_1")
+_CAPTION_SHOWN = (*_CAPTION_RANKING, "siglip_prob", "clip_s_siglip")  # reference-free, where the rows had them
 
 
 def write_eval_report(report: EvalReport, html: str | Path, *, worst: int = WORST_ITEMS) -> Path:
@@ -40,7 +41,7 @@ def write_eval_report(report: EvalReport, html: str | Path, *, worst: int = WORS
 
 
 def _number(value: Any, digits: int = 4) -> str:
-    if isinstance(value, float) and math.isnan(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
 
@@ -74,7 +75,7 @@ def _caption_items(report: EvalReport) -> tuple[list[dict], str]:
     references = report.benchmark.references() if isinstance(report.benchmark, CaptionSet) else {}
     items = [{"id": image_id, "image_id": image_id, "question": None, "prediction": rows["prediction"][n],
               "references": references.get(image_id, []),
-              "scores": [(name, _number(rows[name][n])) for name in _CAPTION_RANKING if name in rows],
+              "scores": [(name, _number(rows[name][n])) for name in _CAPTION_SHOWN if name in rows],
               "rank": rows[metric][n] if metric else 0.0, "thumbnail": None}
              for n, image_id in enumerate(rows.get("image_id", []))]
     return sorted(items, key=lambda item: (item["rank"], item["id"])), metric

@@ -345,6 +345,17 @@ def _folder_for(path: str | os.PathLike, filesystem: pafs.FileSystem | None) -> 
     return _Folder(shown, None, filesystem, str(path).rstrip("/"))
 
 
+def stored_schema(path: str | os.PathLike) -> pa.Schema | None:
+    """The schema, with vlmbatch's metadata, of the newest file of the dataset folder `path`; None when
+    the folder does not exist or holds none."""
+    folder = _folder_for(os.fspath(path), None)
+    try:
+        names = sorted((name for name in folder.names() if _FILE_NAME.fullmatch(name)), key=_order)
+    except FileNotFoundError:
+        return None
+    return pq.read_schema(str(folder.file(names[-1])), filesystem=folder.filesystem) if names else None
+
+
 def _order(name: str) -> tuple[str, int, str]:
     match = _FILE_NAME.fullmatch(name)
     return match["stamp"], int(match["seq"]), name

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from vlmbatch.sinks import dataset_dir, parquet_file
 from vlmbatch.sinks.dataset_dir import LOCK_NAME, ParquetDatasetSink
 from vlmbatch.sinks.parquet_file import ParquetSink, output_files
 from vlmbatch.sinks.resumable import ResumableSink
@@ -31,6 +32,12 @@ def open_sink(out: str | os.PathLike, schema: pa.Schema, **options) -> Resumable
     if is_folder_output(out):
         return ParquetDatasetSink(os.fspath(out), schema, **options)
     return ParquetSink(Path(out), schema, **options)
+
+
+def stored_schema(out: str | os.PathLike) -> pa.Schema | None:
+    """The schema an existing output was written with, its metadata (settings, model) included; None
+    when `out` holds nothing yet."""
+    return (dataset_dir if is_folder_output(out) else parquet_file).stored_schema(out)
 
 
 def written_paths(out: str | os.PathLike) -> tuple[Path, ...]:

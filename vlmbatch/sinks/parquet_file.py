@@ -236,12 +236,7 @@ class ParquetSink(ResumableSink):
     # --- files -----------------------------------------------------------------------------------------
 
     def _part_paths(self) -> list[Path]:
-        """Finished part files in write order (temporary files start with '.' and never match; nor does a
-        name without a part number, nor a part moved aside)."""
-        if not self.parts_dir.is_dir():
-            return []
-        named = self.parts_dir.glob(f"{_PART_PREFIX}*{_PART_SUFFIX}")
-        return sorted((path for path in named if _part_number(path) is not None), key=_part_number)
+        return _part_paths(self.parts_dir)
 
     def _existing_files(self) -> list[Path]:
         return ([self.path] if self.path.exists() else []) + self._part_paths()
@@ -289,6 +284,23 @@ class ParquetSink(ResumableSink):
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def stored_schema(out: str | os.PathLike) -> pa.Schema | None:
+    """The schema, with vlmbatch's metadata, of the single-file output `out` (or of its newest part, when
+    a run stopped before its first merge); None when there is neither."""
+    path, parts_dir, _ = output_files(out)
+    files = ([path] if path.is_file() else []) or _part_paths(parts_dir)[-1:]
+    return pq.read_schema(files[0]) if files else None
+
+
+def _part_paths(parts_dir: Path) -> list[Path]:
+    """Finished part files in write order (temporary files start with '.' and never match; nor does a
+    name without a part number, nor a part moved aside)."""
+    if not parts_dir.is_dir():
+        return []
+    named = parts_dir.glob(f"{_PART_PREFIX}*{_PART_SUFFIX}")
+    return sorted((path for path in named if _part_number(path) is not None), key=_part_number)
 
 
 def _part_name(number: int) -> str:

@@ -95,6 +95,21 @@ class ResumableSink:
                 self._failures[key] = failure
         return done
 
+    def latest_batches(self) -> Iterator[pa.RecordBatch]:
+        """The output's rows as they read back, each key's latest row only, in batches (buffered rows
+        not included). Two passes over the files: their keys, then the rows that are latest."""
+        files = self._existing_files()
+        latest: dict[tuple, tuple[int, int]] = {}
+        for file_index, path in enumerate(files):
+            for row_index, key in enumerate(self._iter_keys(path)):
+                latest[key] = (file_index, row_index)
+        for file_index, path in enumerate(files):
+            first_row = 0
+            for batch in self._batches(path):
+                keys = self._batch_keys(batch)
+                yield batch.filter([latest[key] == (file_index, first_row + i) for i, key in enumerate(keys)])
+                first_row += len(keys)
+
     @property
     def failed_keys(self) -> set[tuple]:
         """Keys whose row failed, as the last `done_keys` found them."""

@@ -10,27 +10,32 @@ from __future__ import annotations
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar, Union
 
 import numpy as np
 
 from vlmbatch.errors import ImageDecodeError
-from vlmbatch.sources.images import load_resized
+from vlmbatch.sources.images import load_image, resize_square
 from vlmbatch.sources.records import ImageRef
 
 T = TypeVar("T")
 
 
-def decode_one(ref: ImageRef, size: int) -> np.ndarray | str:
+Pixels = Union[np.ndarray, tuple[np.ndarray, ...]]
+
+
+def decode_one(ref: ImageRef, size: int | tuple[int, ...]) -> Pixels | str:
+    """uint8 [size, size, 3], or one such array per size of a tuple (one decode for two models)."""
     try:
-        return load_resized(ref, size)
+        image = load_image(ref)
+        return tuple(resize_square(image, s) for s in size) if isinstance(size, tuple) else resize_square(image, size)
     except ImageDecodeError as exc:
         return str(exc)
 
 
-def decode_stream(items: Iterable[T], ref: Callable[[T], ImageRef], size: int, workers: int,
-                  in_flight_per_worker: int = 8) -> Iterator[tuple[T, np.ndarray | str]]:
-    """Yield (item, pixels-or-error) for each item, decoding `ref(item)` to uint8 [size, size, 3]."""
+def decode_stream(items: Iterable[T], ref: Callable[[T], ImageRef], size: int | tuple[int, ...], workers: int,
+                  in_flight_per_worker: int = 8) -> Iterator[tuple[T, Pixels | str]]:
+    """Yield (item, pixels-or-error) for each item, decoding `ref(item)` as `decode_one` does."""
     if workers <= 0:
         for item in items:
             yield item, decode_one(ref(item), size)
