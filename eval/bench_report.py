@@ -56,8 +56,7 @@ def build(workdir: Path, sizes: tuple[int, ...]) -> None:
         target = images / f"{number:05d}.jpg"
         if not target.exists():
             os.link(base / f"{number % DISTINCT:03d}.jpg", target)
-    schema = pa.schema([*CAPTION_SCHEMA, pa.field("lang", pa.string()), pa.field("mean_logprob", pa.float32()),
-                        pa.field("min_logprob", pa.float32()), pa.field("flags", pa.list_(pa.string()))])
+    schema = CAPTION_SCHEMA  # with mean_logprob, min_logprob, lang and flags (left null: the rules compute them)
     sentences, rng = factory._corpus(), random.Random(0)
     for size in sizes:
         rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import test_eval_data
+import test_fetch
 from factory import real_photos
 from typer.testing import CliRunner
 
@@ -146,3 +148,154 @@ print("exit", status, "torch imported" if "torch" in sys.modules else "no torch"
     done = run("run", str(bad_spec))
     assert done.stdout.splitlines()[-1] == "exit 2 no torch", done.stderr
     assert "unknown keys batch_sise" in done.stderr
+
+
+# --- one command per benchmark: the default Hub dataset, its images fetched from their URLs ----------------
+
+server = test_fetch.server  # a real HTTP server on 127.0.0.1 serving the test photos (tests/test_fetch.py)
+cache = test_fetch.cache  # VLMBATCH_CACHE in tmp_path
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch):
+    """The Hub answers with `tables[(name, split)]`: `datasets.load_dataset` stands in for it (these tests
+    run offline); everything after it, the images' HTTP included, is real. Records each call."""
+    import datasets
+
+    import vlmbatch.sources.hf_datasets
+
+    tables, calls = {}, []
+    monkeypatch.setattr(vlmbatch.sources.hf_datasets, "why_unreachable", lambda: None)
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split))
+        if (name, split) not in tables:
+            raise ValueError(f'Unknown split "{split}"')
+        return tables[(name, split)]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return tables, calls
+
+
+def karpathy_coco_table(urls: list[str]):
+    """A table shaped as yerevann/coco-karpathy's (one row per image, captions in `sentences`, the image
+    as a `url`), plus a train row that the test split must leave out."""
+    import datasets
+
+    n = len(urls)
+    return datasets.Dataset.from_dict({
+        "filepath": ["val2014"] * (n + 1),
+        "filename": [f"COCO_val2014_{i:012d}.jpg" for i in range(1, n + 2)],
+        "cocoid": list(range(1, n + 2)),
+        "split": ["test"] * n + ["train"],
+        "sentences": [[f"a photo number {i} of something", f"a picture {i}"] for i in range(1, n + 2)],
+        "url": [*urls, urls[0]],
+    })
+
+
+@pytest.mark.slow
+def test_coco_with_only_a_model_fetches_the_karpathy_test_images_scores_and_reads_the_cache_again(
+        server, cache, fake_hub, tmp_path, ckpt):
+    tables, calls = fake_hub
+    urls = [server.url(f"/photo/{name}.jpg") for name in test_fetch.PHOTOS] + [server.url("/missing")]
+    tables[("yerevann/coco-karpathy", "test")] = karpathy_coco_table(urls)
+    scores = tmp_path / "scores.json"
+    result = invoke("eval", "--dataset", "coco", "--model", ckpt, "--out", scores, "--metrics", "bleu,rouge,cider",
+                    "--workers", 0, "--quiet")
+    assert calls == [("yerevann/coco-karpathy", "test")]
+    report = json.loads(scores.read_text())
+    assert (report["covered"], report["total"], report["failed_predictions"]) == (4, 5, 1)
+    assert report["settings"]["generation"]["num_beams"] == 2
+    assert report["settings"]["generation"]["max_new_tokens"] == 32
+    assert report["settings"]["protocol"] == ("prompt 'caption en', beam search (2 beams), at most 32 new tokens "
+                                              "(as in big_vision cococap.py: beam_size=2, max_decode_len=32)")
+    said = " ".join(result.output.split())
+    assert "Settings: prompt 'caption en', beam search (2 beams)" in said and "Partial coverage: scored 4 of 5" in said
+    rows = {r["id"]: r for r in pq.read_table(scores.with_name("scores.predictions.parquet")).to_pylist()}
+    assert sorted(rows) == ["1", "2", "3", "4", "5"]
+    assert rows["5"]["error"] == f"cannot fetch {urls[4]}: HTTP 404"
+    assert server.hits["/missing"] == 1
+    # Resumed: only the failed image is asked for again; the captioned ones are not fetched at all.
+    photo_hits = sum(n for path, n in server.hits.items() if path.startswith("/photo/"))
+    invoke("eval", "--dataset", "coco", "--model", ckpt, "--out", scores, "--metrics", "bleu", "--workers", 0, "--quiet")
+    assert sum(n for path, n in server.hits.items() if path.startswith("/photo/")) == photo_hits == 4
+    assert server.hits["/missing"] == 2
+    # The server gone: the same command, afresh, reads every image from the cache and says the same.
+    server.stop()
+    again = tmp_path / "again.json"
+    invoke("eval", "--dataset", "coco", "--model", ckpt, "--out", again, "--metrics", "bleu,rouge,cider",
+           "--workers", 0, "--quiet")
+    again_rows = {r["id"]: r for r in pq.read_table(again.with_name("again.predictions.parquet")).to_pylist()}
+    assert {k: r["caption"] for k, r in again_rows.items()} == {k: r["caption"] for k, r in rows.items()}
+    rescored = json.loads(again.read_text())
+    assert all(rescored[k] == report[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr"))
+
+
+@pytest.mark.slow
+def test_flags_override_the_benchmark_settings_and_the_report_says_so(server, cache, fake_hub, tmp_path, ckpt):
+    tables, _ = fake_hub
+    urls = [server.url(f"/photo/{name}.jpg") for name in test_fetch.PHOTOS[:2]]
+    tables[("yerevann/coco-karpathy", "test")] = karpathy_coco_table(urls)
+    scores = tmp_path / "scores.json"
+    invoke("eval", "--dataset", "coco", "--model", ckpt, "--out", scores, "--metrics", "bleu", "--num-beams", 1,
+           "--max-new-tokens", 5, "--prompt", "caption es", "--workers", 0, "--quiet")
+    settings = json.loads(scores.read_text())["settings"]
+    assert (settings["generation"]["num_beams"], settings["generation"]["max_new_tokens"]) == (1, 5)
+    assert settings["protocol"].startswith("prompt 'caption es', greedy, at most 5 new tokens (changed from big_vision")
+    # --no-fetch-images: each URL is an error row that names the flag, and nothing is scored.
+    result = runner.invoke(app, ["eval", "--dataset", "coco", "--model", str(ckpt), "--out", str(tmp_path / "off.json"),
+                                 "--no-fetch-images", "--workers", "0", "--quiet"])
+    assert result.exit_code == 2 and "no usable prediction" in result.output
+    rows = pq.read_table(tmp_path / "off.predictions.parquet").to_pylist()
+    assert len(rows) == 2 and all("--fetch-images" in row["error"] for row in rows)
+
+
+@pytest.mark.slow
+def test_vqav2_test_dev_writes_the_results_json_for_the_server(fake_hub, tmp_path, ckpt, monkeypatch):
+    import datasets
+
+    tables, calls = fake_hub
+    photos = [photo.convert("RGB") for photo in list(real_photos().values())[:2]]
+    tables[("lmms-lab/VQAv2", "testdev")] = datasets.Dataset.from_dict(
+        {"question_id": [5001, 5002, 6001], "question": ["what is it?", "is it big?", "what color?"],
+         "image_id": [5, 5, 6], "image": [photos[0], photos[0], photos[1]]},
+        features=datasets.Features({"question_id": datasets.Value("int64"), "question": datasets.Value("string"),
+                                    "image_id": datasets.Value("int64"), "image": datasets.Image()}))
+    monkeypatch.chdir(tmp_path)
+    result = invoke("eval", "--dataset", "vqav2", "--split", "test-dev", "--model", ckpt, "--max-new-tokens", 4,
+                    "--workers", 0, "--quiet")
+    assert calls == [("lmms-lab/VQAv2", "testdev")]
+    results = json.loads((tmp_path / "vqa_OpenEnded_mscoco_test-dev2015_vlmbatch_results.json").read_text())
+    assert [entry["question_id"] for entry in results] == [5001, 5002, 6001]
+    assert all(set(entry) == {"question_id", "answer"} and isinstance(entry["answer"], str) for entry in results)
+    answers = {int(r["question_id"]): r["answer"].strip()
+               for r in pq.read_table(tmp_path / "vqav2-test-dev.predictions.parquet").to_pylist()}
+    assert {entry["question_id"]: entry["answer"] for entry in results} == answers
+    said = " ".join(result.output.split())
+    assert ("VQAv2 test-dev has no public answers, so nothing is scored here: wrote 3 of 3 answers to "
+            "vqa_OpenEnded_mscoco_test-dev2015_vlmbatch_results.json") in said
+    assert "Settings: prompt 'answer en {question}', greedy, at most 4 new tokens" in said
+
+
+def test_the_help_names_each_benchmarks_default_data_and_settings():
+    from vlmbatch.evaluation.benchmarks import DEFAULT_HUB_DATASETS, DEFAULT_SPLITS
+    from vlmbatch.evaluation.protocols import PROTOCOLS
+
+    said = " ".join(runner.invoke(app, ["eval", "--help"]).output.replace("│", " ").split())
+    for dataset, hub in DEFAULT_HUB_DATASETS.items():
+        assert f"{dataset} {hub} split {DEFAULT_SPLITS[dataset]}" in said
+        protocol = PROTOCOLS[dataset]
+        assert f'"{protocol.prompt}"' in said and f"{protocol.max_new_tokens} tokens" in said
+    assert "2 beams" in said and "greedy" in said
+
+
+def test_without_the_hub_eval_says_so_in_one_line(tmp_path, ckpt):
+    """HF_HUB_OFFLINE with an empty cache: one line naming the dataset and what to do, exit 2, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "VLMBATCH_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "vlmbatch", "eval", "--dataset", "flickr30k", "--model", str(ckpt)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith("error: cannot reach the Hugging Face Hub to load umaru97/flickr30k_train_val_test")
+    assert "pass a local copy with --data" in lines[0]

@@ -19,7 +19,7 @@ from vlmbatch.evaluation.predictions import (
     load_vqa_predictions,
 )
 from vlmbatch.evaluation.vqa_data import load_vqa_set
-from vlmbatch.sources.records import Question
+from vlmbatch.sources.records import Question, Url
 
 COCO_IDS = (42, 73, 74, 133)
 COCO_SPLITS = {42: "test", 73: "test", 74: "val", 133: "restval"}
@@ -367,3 +367,64 @@ def test_vqa_predictions_parquet_and_json(vqa_folder, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"question_id": 73000, "answer": "red"}]))
     assert load_vqa_predictions(results).texts == {"73000": "red"}
+
+
+def test_a_caption_table_with_image_urls_gives_url_images(tmp_path):
+    datasets.Dataset.from_dict({
+        "cocoid": [7, 8], "split": ["test", "test"], "sentences": [["a cat"], ["a dog"]],
+        "url": ["http://images.example/7.jpg", "not a url"],
+    }).save_to_disk(str(tmp_path / "urls"))
+    bench = load_caption_set("coco", tmp_path / "urls")
+    assert bench.has_images()
+    assert [(r.id, r.image) for r in bench.records()] == [("7", Url("http://images.example/7.jpg"))]
+
+
+def test_vqav2_test_splits_are_questions_without_answers(tmp_path):
+    datasets.Dataset.from_dict({"question_id": [1, 2], "question": ["What?", "Who?"], "image_id": [3, 3]}
+                               ).save_to_disk(str(tmp_path / "testdev"))
+    bench = load_vqa_set(tmp_path / "testdev", "test-dev")
+    assert (bench.split, bench.answered) == ("test-dev", False)
+    assert [(item.question_id, item.answers) for item in bench.items] == [("1", ()), ("2", ())]
+    with pytest.raises(VlmbatchError, match="lacks the column.s. answers a VQA dataset needs"):
+        load_vqa_set(tmp_path / "testdev", "validation")  # a split that has public answers must hold them
+
+
+def test_flickr30k_default_is_the_karpathy_test_split_with_embedded_images(monkeypatch, hub_answers):
+    """Shaped as umaru97/flickr30k_train_val_test: image, caption (five), sentids, split, img_id, filename."""
+    calls = []
+    table = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (8, 8), (n * 60, 0, 0)) for n in range(2)],
+         "caption": [refs_for("1000092795"), refs_for("10002456")], "sentids": [["0"], ["5"]],
+         "split": ["test", "test"], "img_id": ["0", "1"], "filename": ["1000092795.jpg", "10002456.jpg"]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
+                                    "sentids": datasets.Sequence(datasets.Value("string")),
+                                    "split": datasets.Value("string"), "img_id": datasets.Value("string"),
+                                    "filename": datasets.Value("string")}))
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split))
+        return table
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    bench = load_caption_set("flickr30k")
+    assert calls == [("umaru97/flickr30k_train_val_test", "test")]
+    assert bench.references() == {"1000092795": refs_for("1000092795"), "10002456": refs_for("10002456")}
+    assert [(r.id, type(r.image)) for r in bench.records()] == [("1000092795", bytes), ("10002456", bytes)]
+
+
+def test_vqav2_test_dev_from_the_official_questions_file(tmp_path):
+    """A folder as downloaded from visualqa.org: the test-dev questions (no annotations), test2015/ images."""
+    root = tmp_path / "vqav2"
+    (root / "test2015").mkdir(parents=True)
+    (root / "test2015" / "COCO_test2015_000000000001.jpg").write_bytes(jpeg_bytes((9, 9, 9)))
+    (root / "questions").mkdir()
+    (root / "questions" / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(json.dumps({"questions": [
+        {"image_id": 1, "question": "What is it?", "question_id": 1000},
+        {"image_id": 1, "question": "Is it big?", "question_id": 1001}]}))
+    bench = load_vqa_set(root, "test-dev")
+    assert (bench.split, bench.answered, len(bench.items)) == ("test-dev", False, 2)
+    assert bench.items[0].image == root / "test2015" / "COCO_test2015_000000000001.jpg"
+    assert [r.id for r in bench.records()] == ["1"]
+    with pytest.raises(VlmbatchError, match="no v2_OpenEnded_mscoco_test2015_questions.json in .*the official "
+                                            "VQAv2 test-std questions are needed"):
+        load_vqa_set(root, "test-std")

@@ -33,7 +33,7 @@ from vlmbatch.sinks.dataset_dir import LOCK_NAME
 
 HOSTILE_TEXT = '<script>window.__pwned = "caption"; alert(1)</script>'
 HOSTILE_NAME = '"><img src=x onerror=alert(1)>.jpg'
-# The columns issue 31 adds to the sink's schema (older outputs have none of them).
+# The columns issue 31 adds to the sink's schema, where it lacks them (older outputs have none of them).
 NEW_FIELDS = [pa.field("lang", pa.string()), pa.field("mean_logprob", pa.float32()),
               pa.field("min_logprob", pa.float32()), pa.field("flags", pa.list_(pa.string()))]
 runner = CliRunner()
@@ -46,7 +46,7 @@ def caption_row(id, caption, *, lang="en", mean=-0.3, error=None, flags=None, fi
 
 
 def write_output(path: Path, rows: list[dict], schema: pa.Schema = CAPTION_SCHEMA, extra=NEW_FIELDS) -> Path:
-    schema = pa.schema([*schema, *extra])
+    schema = pa.schema([*schema, *(field for field in extra if field.name not in schema.names)])
     pq.write_table(pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows],
                                         schema=schema), path)
     return path
@@ -136,7 +136,9 @@ def test_vqa_output_groups_questions_and_an_old_output_without_new_columns_reads
     rows = [{"id": "a.jpg", "question_id": str(n), "question": q, "answer": a, "error": None}
             for n, (q, a) in enumerate([("what color?", "red"), ("how many?", ""), ("where?", "park"),
                                         ("<iframe src=javascript:alert(1)>?", "no")])]
-    out = write_output(tmp_path / "vqa.parquet", rows, VQA_SCHEMA, extra=[])
+    before_issue_31 = pa.schema([VQA_SCHEMA.field(name) for name in ("id", "question_id", "question", "answer",
+                                                                     "error")])
+    out = write_output(tmp_path / "vqa.parquet", rows, before_issue_31, extra=[])
     done = build_report(out, tmp_path / "vqa.html")
     html = (tmp_path / "vqa.html").read_text()
     assert (done.rows, done.images, done.flags["empty"]) == (4, 1, 1)

@@ -31,9 +31,7 @@ from rich.table import Table
 from vlmbatch import __version__
 from vlmbatch.errors import VlmbatchError, VlmbatchWarning
 from vlmbatch.spec import (
-    DEFAULT_CAPTION_PROMPT,
     DEFAULT_SCORE_MODEL,
-    DEFAULT_VQA_TEMPLATE,
     GenerationSettings,
     JobSpec,
     ScoreSpec,
@@ -98,6 +96,14 @@ RayWorkersOpt = typer.Option(_JOB["ray_workers"], "--ray-workers", help="With --
                              "(an autoscaling pool). Default 1.")
 GpusPerWorkerOpt = typer.Option(_JOB["gpus_per_worker"], "--gpus-per-worker", help="With --ray: GPUs per worker "
                                 "(default 1 where the cluster has GPUs, else CPU workers sharing a node's cores).")
+FetchImagesOpt = typer.Option(_JOB["fetch_images"], "--fetch-images/--no-fetch-images", help="Fetch images given as "
+                              "http(s) URLs (a manifest's or dataset's url column) into the image cache "
+                              "($VLMBATCH_CACHE/images, default ~/.cache/vlmbatch/images); each that fails is an error row.")
+FetchTimeoutOpt = typer.Option(_JOB["fetch_timeout"], "--fetch-timeout", help="Seconds one try of one image may take.")
+FetchRetriesOpt = typer.Option(_JOB["fetch_retries"], "--fetch-retries", help="Tries after the first, with backoff, on "
+                               "connection errors, timeouts, HTTP 5xx, 408 and 429 (never on 404).")
+FetchWorkersOpt = typer.Option(_JOB["fetch_workers"], "--fetch-workers", help="Images fetched at once.")
+MaxImageBytesOpt = typer.Option(_JOB["max_image_bytes"], "--max-image-bytes", help="Largest image fetched, in bytes.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 
@@ -113,7 +119,10 @@ _JOB_FLAGS: dict[str, tuple[object, typer.models.OptionInfo]] = {
     "split": (Optional[str], SplitOpt), "image_column": (Optional[str], ImageColOpt),
     "id_column": (Optional[str], IdColOpt), "confine": (bool, ConfineOpt), "workers": (Optional[int], WorkersOpt),
     "flush_rows": (int, FlushOpt), "ray": (Optional[str], RayOpt), "ray_workers": (Optional[str], RayWorkersOpt),
-    "gpus_per_worker": (Optional[float], GpusPerWorkerOpt), "quiet": (bool, QuietOpt), "debug": (bool, DebugOpt),
+    "gpus_per_worker": (Optional[float], GpusPerWorkerOpt),
+    "fetch_images": (bool, FetchImagesOpt), "fetch_timeout": (float, FetchTimeoutOpt),
+    "fetch_retries": (int, FetchRetriesOpt), "fetch_workers": (int, FetchWorkersOpt),
+    "max_image_bytes": (int, MaxImageBytesOpt), "quiet": (bool, QuietOpt), "debug": (bool, DebugOpt),
 }
 
 
@@ -151,13 +160,18 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
   vlmbatch caption ./photos --out captions.parquet\n
   vlmbatch caption ./photos --out alt.parquet --prompt "caption en" --batch-size 64\n
   vlmbatch caption my/dataset --split validation --image-column img --id-column key --out caps.parquet\n
+  vlmbatch caption ./photos --lang en,es,fr,de --out alt.parquet\n
 Re-running the same command resumes: over a grown folder only new images are captioned, and images
 that failed or were replaced since are captioned again.""")
 @_job_command("caption")
 def caption(
     source: str = typer.Argument(..., help="Image folder, image file, saved/Hub dataset, or Parquet/JSONL/CSV manifest."),
     out: str = OutOpt,
-    prompt: str = typer.Option(_JOB["prompt"], "--prompt", help="Prompt given with every image."),
+    prompt: str = typer.Option(_JOB["prompt"], "--prompt", help="Prompt given with every image; with --lang, {lang} "
+                               "stands for each language (default then: \"caption {lang}\")."),
+    lang: Optional[str] = typer.Option(_JOB["lang"], "--lang", help="Caption languages, e.g. en,es,fr,de: one row "
+                                       "per image and language (column lang), the image encoded once for all. "
+                                       "A language added later captions only that language."),
     score_with: Optional[str] = typer.Option(_JOB["score_with"], "--score-with", help="A SigLIP checkpoint (e.g. "
                                              f"{DEFAULT_SCORE_MODEL}) scoring each new caption against its image as "
                                              "it is written (siglip_prob, siglip_cos); see `vlmbatch score`."),
@@ -248,39 +262,53 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 @app.command("eval", epilog="""Examples:\n
-  vlmbatch eval --dataset coco --data ./coco --split test --out scores.json       (generate, then score)\n
-  vlmbatch eval --dataset coco --data dataset_coco.json --predictions caps.parquet (score only)\n
-  vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --limit 200         (a quick check)\n
-  vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --predictions answers.parquet\n
-  vlmbatch eval --dataset coco --data ./coco --predictions caps.parquet --report eval.html (scores and worst items)\n
-  vlmbatch eval --provision-spice                                                  (fetch SPICE's CoreNLP jars)\n
-Without --predictions the model runs first (prompt "caption en" / "answer en {question}", greedy) and its
-predictions are written beside the scores, resumably; with --predictions no model is loaded.""")
+  vlmbatch eval --dataset coco --model google/paligemma-3b-ft-cococap-224 --out scores.json  (the Hub copy, images fetched)\n
+  vlmbatch eval --dataset vqav2 --split test-dev --out results.json                    (answers for the server)\n
+  vlmbatch eval --dataset coco --data ./coco --split test --out scores.json             (a local copy)\n
+  vlmbatch eval --dataset coco --data dataset_coco.json --predictions caps.parquet      (score only)\n
+  vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --limit 200              (a quick check)\n
+  vlmbatch eval --dataset coco --data ./coco --predictions caps.parquet --report eval.html  (+ a page)\n
+  vlmbatch eval --provision-spice                                                       (fetch SPICE's CoreNLP jars)\n
+Without --data, each benchmark reads: coco yerevann/coco-karpathy split test (Karpathy test, 5,000 images, fetched from their \
+URLs), flickr30k umaru97/flickr30k_train_val_test split test (Karpathy test, 1,000 images), vqav2 \
+lmms-lab/VQAv2 split validation (val2014, 214,354 questions); --split test-dev or test-std writes the results \
+JSON for the VQA evaluation server instead of scores. Generation follows big_vision's PaliGemma transfer \
+configs unless flags say otherwise: captions "caption en", 2 beams, 32 tokens; VQAv2 "answer en {question}", \
+greedy, 32 tokens. Without --predictions the model runs first and its predictions are written beside the \
+scores, resumably; with --predictions no model is loaded.""")
 def eval_(
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="coco, flickr30k or vqav2."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="coco, flickr30k or vqav2 (see below for their default data)."),
     data: Optional[str] = typer.Option(None, "--data", help="Annotation file, folder with annotations and images, saved dataset or Hub id."),
-    split: Optional[str] = typer.Option(None, "--split", help="Karpathy split (default test) or VQAv2 subtype such as val2014."),
+    split: Optional[str] = typer.Option(None, "--split", help="Karpathy split (default test), VQAv2 subtype such as val2014, or test-dev / test-std."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", "-p", help="Score these predictions (Parquet or results JSON) instead of generating."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scores JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scores JSON (VQAv2 test-dev / test-std: the results JSON)."),
     per_item: Optional[Path] = typer.Option(None, "--per-item", help="Parquet with each item's scores."),
     report_html: Optional[Path] = typer.Option(None, "--report", help="An HTML page with the scores, the settings "
                                                "and the 50 worst items (by CIDEr or VQA accuracy) with their images."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset: bleu,meteor,rouge,cider,spice."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA).'),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA); default: the benchmark\'s.'),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the split's first N items (images, or VQA questions): a quick check."),
     provision_spice: bool = typer.Option(False, "--provision-spice", help="Download SPICE's Stanford CoreNLP 3.6.0 jars into the cache."),
     score_with: Optional[str] = typer.Option(None, "--score-with", help="Captions: a SigLIP checkpoint scoring each "
                                              "generated caption; the mean match probability and CLIP-S over SigLIP "
                                              "are reported beside the reference metrics (as they are for predictions "
                                              "scored by `vlmbatch score`)."),
-    model: str = ModelOpt, max_new_tokens: int = MaxNewOpt, batch_size: int = BatchOpt, num_beams: int = BeamsOpt,
+    model: str = ModelOpt,
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens generated per answer (default: the benchmark's, 32)."),
+    num_beams: Optional[int] = typer.Option(None, "--num-beams", help="Beam search width (default: the benchmark's, 2 for captions, 1 for VQAv2)."),
+    batch_size: int = BatchOpt,
     temperature: float = TempOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt, device: str = DeviceOpt,
     devices: Optional[str] = DevicesOpt, dtype: Optional[str] = DtypeOpt, cpu_matmul: str = CpuMatmulOpt,
     cuda_graph: bool = CudaGraphOpt, overwrite: bool = OverwriteOpt, recover: bool = RecoverOpt,
-    workers: Optional[int] = WorkersOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+    workers: Optional[int] = WorkersOpt,
+    fetch_images: Optional[bool] = typer.Option(None, "--fetch-images/--no-fetch-images", help="Fetch images given as URLs "
+                                                "into the image cache (default: on without --data, off with it)."),
+    fetch_timeout: float = FetchTimeoutOpt, fetch_retries: int = FetchRetriesOpt, fetch_workers: int = FetchWorkersOpt,
+    max_image_bytes: int = MaxImageBytesOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Score captions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) or VQAv2 answers (official accuracy)."""
     from vlmbatch.evaluation.metrics.spice import provision_corenlp
+    from vlmbatch.evaluation.protocols import PROTOCOLS
     from vlmbatch.evaluation.run import EvalRequest, render_report, run_eval
     from vlmbatch.review.eval_report import write_eval_report
     from vlmbatch.review.page import check_writable
@@ -292,31 +320,40 @@ def eval_(
                 return
         if dataset is None:
             raise VlmbatchError("--dataset is required: coco, flickr30k or vqav2")
+        if dataset not in PROTOCOLS:
+            raise VlmbatchError(f"unknown dataset {dataset!r}; choose from {', '.join(PROTOCOLS)}")
+        protocol = PROTOCOLS[dataset]  # what a flag left out means, for this benchmark
+        prompt = protocol.prompt if prompt is None else prompt
+        max_new_tokens = protocol.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if num_beams is None:  # sampling asked for: beams (which exclude it) are no default then
+            num_beams = 1 if temperature > 0 else protocol.num_beams
         generation = _generation(max_new_tokens, num_beams, temperature, top_p, seed)
         # Built now, so that a flag out of bounds is refused before the dataset loads; generate() completes it.
         flags = JobSpec(task="caption", source=data or dataset, out=Path(), model=model, batch_size=batch_size,
                         device=device, devices=devices, dtype=dtype, cpu_matmul=cpu_matmul, cuda_graph=cuda_graph,
                         overwrite=overwrite, recover=recover, workers=workers, generation=generation,
-                        score_with=score_with)
+                        fetch_images=data is None if fetch_images is None else fetch_images,
+                        fetch_timeout=fetch_timeout, fetch_retries=fetch_retries, fetch_workers=fetch_workers,
+                        max_image_bytes=max_image_bytes, score_with=score_with)
 
         def generate(task, records, questions, out_path: Path) -> Path:
             from vlmbatch.sources.records import Source
 
-            default_prompt = DEFAULT_CAPTION_PROMPT if task == "caption" else DEFAULT_VQA_TEMPLATE
             if task != "caption" and score_with:
                 raise VlmbatchError("--score-with scores captions; VQA answers are not scored")
-            spec = replace(flags, task=task, out=out_path, prompt=prompt or default_prompt,
-                           prompt_template=prompt or default_prompt, score_with=score_with if task == "caption" else None)
+            spec = replace(flags, task=task, out=out_path, prompt=prompt, prompt_template=prompt,
+                           score_with=score_with if task == "caption" else None)
             source = Source(description=f"{dataset} {split or ''}".strip(), size=None, records=lambda: iter(records))
             _run(_job(spec, source=source, questions=questions), quiet)
             return out_path
 
         generating = predictions is None
+        settings = {"prompt": prompt, "generation": generation.as_dict(),
+                    "protocol": protocol.generation_note(prompt, num_beams, max_new_tokens)}
         request = EvalRequest(
             dataset=dataset, data=data, split=split, predictions=predictions, out=out, per_item=per_item,
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
-            model=model if generating else None, limit=limit,
-            settings={"prompt": prompt, "generation": generation.as_dict()} if generating else {})
+            model=model if generating else None, limit=limit, settings=settings if generating else {})
         if report_html is not None:
             check_writable(report_html)  # refused now, not after the model has run
         report = run_eval(request, generate if generating else None)
@@ -509,6 +546,10 @@ def _run(job: Job, quiet: bool) -> Summary:
         console.print(f"[bold]{spec.task}[/] {job.source.description} → {spec.out}  "
                       f"(model {spec.model}, {job.device}, {str(job.dtype).removeprefix('torch.')}{fast_path})",
                       highlight=False)
+        if spec.fetch_images:
+            from vlmbatch.sources.fetch import default_cache_dir
+
+            console.print(f"images given as URLs are fetched into {default_cache_dir()}", highlight=False)
     with _progress(job.source, spec.task, quiet) as update:
         summary = job.run(update)
     if not quiet:

@@ -14,7 +14,7 @@ import math
 import os
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping
 
@@ -219,7 +219,9 @@ class Job:
         fingerprint, not the name it was given: a relative path, an absolute one and a Hub id of the
         same weights resume one another's output (the name is kept in the metadata)."""
         spec = self.spec
-        prompt = {"prompt": spec.prompt} if spec.task == "caption" else {"prompt_template": spec.prompt_template}
+        # With --lang the prompt is a template ("caption {lang}"): the languages are not a setting, so a
+        # language added later captions that language alone.
+        prompt = {"prompt": spec.caption_prompt} if spec.task == "caption" else {"prompt_template": spec.prompt_template}
         return {"task": spec.task, "weights": self.fingerprint, "dtype": str(self.dtype),
                 **prompt, "generation": spec.generation.as_dict()}
 
@@ -264,7 +266,9 @@ class Job:
     def _prompts(self, record: ImageRecord) -> list[tuple[tuple, str, Question | None]]:
         spec = self.spec
         if spec.task == "caption":
-            return [((record.id,), spec.prompt, None)]
+            template = spec.caption_prompt
+            return [((record.id, lang), template.replace("{lang}", lang) if lang else template, None)
+                    for lang in spec.lang or (None,)]
         if self.questions is None:
             questions = [Question(record.id, spec.question, SINGLE_QUESTION_ID)]
         else:
@@ -280,18 +284,20 @@ class Job:
         for image, questions in (self.questions or {}).items():
             for q in questions:
                 if (image, q.question_id) not in done:
-                    rows.append(self._row(image, q, self.spec.prompt_template.format(question=q.question),
+                    rows.append(self._row((image, q.question_id), q, self.spec.prompt_template.format(question=q.question),
                                           error="image not found in source"))
         return rows
 
-    def _row(self, image_id: str, question: Question | None, prompt: str, *, version: str | None = None,
-             text: str | None = None, error: str | None = None, num_tokens: int = 0,
-             finish_reason: str | None = None) -> dict:
-        row = {"id": image_id, self.spec.answer_column: text, "error": error, "prompt": prompt,
-               "num_tokens": num_tokens, "finish_reason": finish_reason if error is None else "error",
-               "image_version": version}
+    def _row(self, key: tuple, question: Question | None, prompt: str, *, version: str | None = None,
+             error: str | None = None) -> dict:
+        """The row of `key` (caption: (id, lang); VQA: (id, question_id)) before its text is generated,
+        or an error row."""
+        row = {"id": key[0], self.spec.answer_column: None, "error": error, "prompt": prompt, "num_tokens": 0,
+               "finish_reason": None if error is None else "error", "image_version": version}
         if self.spec.task == "vqa":
             row.update(question_id=question.question_id, question=question.question)
+        else:
+            row["lang"] = key[1]
         return row
 
     def run(self, progress: ProgressFn | None = None) -> Summary:
@@ -338,14 +344,17 @@ class Job:
         completions complete; what cannot go to the engine becomes an error row on `errors`."""
         size = self.config.vision.image_size
         sizes = (size, self.scorer.image_size) if self.scorer else size  # one decode serves both models
-        decoded = decode_stream(self.items(done, summary, failed), lambda item: item.record.image, sizes,
+        todo = self.items(done, summary, failed)
+        if self.spec.fetch_images:
+            todo = self._fetched(todo)
+        decoded = decode_stream(todo, lambda item: item.record.image, sizes,
                                 self.decode_workers)
         for item, pixels in decoded:
             summary.images += 1
             record = item.record
             if isinstance(pixels, str):
-                for _, prompt, q in item.prompts:
-                    errors.put(self._row(record.id, q, prompt, version=record.version, error=pixels))
+                for key, prompt, q in item.prompts:
+                    errors.put(self._row(key, q, prompt, version=record.version, error=pixels))
                 continue
             if self.scorer:  # the image's SigLIP embedding waits in its rows for their captions
                 pixels, score_pixels = pixels
@@ -360,6 +369,18 @@ class Job:
             if prompts:
                 yield ImageWork(pixels, prompts, context=rows)
 
+    def _fetched(self, items: Iterator[_Item]) -> Iterator[_Item]:
+        """`items` with each image given as a URL replaced by its cached file, or by the reason it could
+        not be fetched (its rows' error); fetched ahead by a bounded pool (`sources.fetch`). Only images
+        with rows still to make are fetched: a resumed run asks nothing for the images it has done."""
+        from vlmbatch.sources.fetch import FetchSettings, fetch_stream  # httpx, for the runs that fetch
+
+        spec = self.spec
+        settings = FetchSettings(timeout=spec.fetch_timeout, retries=spec.fetch_retries, workers=spec.fetch_workers,
+                                 max_bytes=spec.max_image_bytes)
+        for item, image in fetch_stream(items, lambda item: item.record.image, settings):
+            yield _Item(replace(item.record, image=image), item.prompts)
+
     def _engine_prompts(self, item: _Item) -> list[tuple[tuple, str, list[int], dict, str | None]]:
         """Per prompt of `item`: its key, its text, its token ids, the row its completion fills in, and
         the error that row says instead where the prompt is too long (None where it is not)."""
@@ -370,7 +391,7 @@ class Job:
             if len(ids) > self.max_prompt_len:
                 error = (f"prompt too long: {len(ids) - self.config.num_image_tokens - 1} tokens "
                          f"(at most {MAX_PROMPT_TEXT_TOKENS})")
-            made.append((key, prompt, ids, self._row(item.record.id, q, prompt, version=item.record.version), error))
+            made.append((key, prompt, ids, self._row(key, q, prompt, version=item.record.version), error))
         return made
 
     def _cluster_rows(self, done: Mapping[tuple, str | None], failed: Collection[tuple],
@@ -414,8 +435,7 @@ class Job:
 
     def _completion_row(self, completion: Completion) -> dict:
         """The row its image's work left for this completion, filled in (and scored, with --score-with)."""
-        row = {**completion.context[completion.key], self.spec.answer_column: self.processor.decode(completion.tokens),
-               "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason}
+        row = {**completion.context[completion.key], **completion.columns(self.spec.answer_column, self.processor.decode)}
         if self.scorer:
             [(prob, cos)] = self.scorer.score(row.pop(_EMBED), [row[self.spec.answer_column]])
             row.update(siglip_prob=prob, siglip_cos=cos, siglip_weights=self.scorer.fingerprint)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -20,13 +21,19 @@ from vlmbatch.errors import VlmbatchError
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 DEFAULT_SCORE_MODEL = "google/siglip-so400m-patch14-384"  # the SigLIP that PaliGemma's vision tower comes from
 DEFAULT_CAPTION_PROMPT = "caption en"
+LANG_PROMPT = "caption {lang}"  # PaliGemma mix's multilingual captions
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
 TASKS = ("caption", "vqa")
 DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a kill can cost)
 
 # The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
 AT_LEAST = {"max_new_tokens": 1, "num_beams": 1, "temperature": 0, "batch_size": 1, "limit": 1, "flush_rows": 1,
-            "workers": 0, "gpus_per_worker": 0}
+            "workers": 0, "gpus_per_worker": 0, "fetch_retries": 0, "fetch_workers": 1, "max_image_bytes": 1}
+# --fetch-images (vlmbatch.sources.fetch): seconds per try, tries after the first, fetches in flight, bytes.
+DEFAULT_FETCH_TIMEOUT_S = 30.0
+DEFAULT_FETCH_RETRIES = 3
+DEFAULT_FETCH_WORKERS = 16
+DEFAULT_MAX_IMAGE_BYTES = 20_000_000
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -55,6 +62,8 @@ def _check_bound(name: str, value) -> None:
         raise SpecError(f"{name} must be at least {AT_LEAST[name]}, got {value!r}")
     if name == "top_p" and not 0 < value <= 1:
         raise SpecError(f"top_p must be in (0, 1], got {value!r}")
+    if name == "fetch_timeout" and not value > 0:
+        raise SpecError(f"fetch_timeout must be more than 0 seconds, got {value!r}")
 
 
 def _coerce(name: str, value, hint):
@@ -127,6 +136,24 @@ def _as_location(value) -> Location:
     return Location(os.fspath(value))
 
 
+class Languages(tuple):
+    """Caption languages, each a code as PaliGemma mix's prompts spell it (`en`, `es`, `pt-BR`, `zh`)."""
+
+
+_LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+
+
+def _as_languages(value) -> Languages:
+    """`"en,es"` (a flag, --set) or `["en", "es"]` (a job spec)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise TypeError(value)
+    codes = [item.strip() for item in items if item.strip()]
+    if not codes or len(set(codes)) < len(codes) or not all(_LANGUAGE_CODE.fullmatch(code) for code in codes):
+        raise ValueError(value)
+    return Languages(codes)
+
+
 def _instance_of(cls: type):
     def check(value):
         if not isinstance(value, cls):
@@ -136,9 +163,10 @@ def _instance_of(cls: type):
 
 
 _CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str, Path: _as_path,
-               Location: _as_location}
+               Location: _as_location, Languages: _as_languages}
 _NAMES = {bool: "a boolean (true/false, yes/no, on/off, 1/0)", int: "an integer", float: "a number",
-          str: "a string", Path: "a path", Location: "a path or URI"}
+          str: "a string", Path: "a path", Location: "a path or URI",
+          Languages: 'distinct language codes ("en,es" or ["en", "es"])'}
 
 
 @dataclass(frozen=True)
@@ -169,7 +197,8 @@ class JobSpec:
     source: str
     out: Location  # a .parquet file, or a Parquet dataset folder (sinks.outputs.is_folder_output)
     model: str = DEFAULT_MODEL
-    prompt: str = DEFAULT_CAPTION_PROMPT  # caption
+    prompt: str = DEFAULT_CAPTION_PROMPT  # caption; with `lang`, {lang} is each language's code
+    lang: Languages | None = None  # caption: one row per image and language, prompted "caption {lang}"
     prompt_template: str = DEFAULT_VQA_TEMPLATE  # vqa
     questions: str | None = None  # vqa: JSONL / CSV / Parquet file
     question: str | None = None  # vqa: one question for every image
@@ -193,6 +222,11 @@ class JobSpec:
     ray_workers: str | None = None  # engine actors: "N", or "MIN-MAX" for an autoscaling pool (default 1)
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else CPU workers; 0: CPU workers
     score_with: str | None = None  # caption: a SigLIP checkpoint scoring each new caption as it is written
+    fetch_images: bool = False  # images given as http(s) URLs are fetched into the image cache (sources.fetch)
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_S
+    fetch_retries: int = DEFAULT_FETCH_RETRIES
+    fetch_workers: int = DEFAULT_FETCH_WORKERS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def __post_init__(self):
         _validate(self)
@@ -202,7 +236,13 @@ class JobSpec:
             raise SpecError("ray_workers and gpus_per_worker need ray (--ray auto or an address)")
         if self.ray is not None and self.devices is not None:
             raise SpecError("ray and devices exclude each other: on a cluster use ray_workers")
+        if self.ray is not None and self.fetch_images:  # the driver's cache is no path on the workers' nodes
+            raise SpecError("fetch_images is not supported with ray yet: fetch the images first, e.g. with img2dataset")
         self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
+        if self.lang is not None and self.task != "caption":
+            raise SpecError("lang takes caption languages: it needs the caption task")
+        if self.lang is not None and "{lang}" not in self.caption_prompt:
+            raise SpecError(f"with lang, the prompt must contain {{lang}} (e.g. \"{LANG_PROMPT}\"), got {self.prompt!r}")
         if self.score_with is not None and self.task != "caption":
             raise SpecError("score_with scores captions: it needs the caption task")
         if self.score_with is not None and self.ray is not None:
@@ -220,6 +260,11 @@ class JobSpec:
         if not 1 <= fewest <= most:
             raise SpecError(f"ray_workers must be N or MIN-MAX with 1 <= MIN <= MAX, got {self.ray_workers!r}")
         return fewest, most
+
+    @property
+    def caption_prompt(self) -> str:
+        """The caption prompt; with `lang` and the default prompt, PaliGemma mix's `caption {lang}`."""
+        return LANG_PROMPT if self.lang is not None and self.prompt == DEFAULT_CAPTION_PROMPT else self.prompt
 
     @property
     def answer_column(self) -> str:

@@ -219,8 +219,7 @@ class _EngineActor:
                 work.append(ImageWork(pixels, todo, context=context))
         for completion in self.engine.run(work):
             rows, made = completion.context
-            rows.append({**made[completion.key], self.answer_column: self.processor.decode(completion.tokens),
-                         "num_tokens": len(completion.tokens), "finish_reason": completion.finish_reason})
+            rows.append({**made[completion.key], **completion.columns(self.answer_column, self.processor.decode)})
         return {"rows": [pickle.dumps(rows) for rows in images]}
 
 

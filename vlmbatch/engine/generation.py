@@ -39,14 +39,29 @@ class TokenSelector:
                  steps: torch.Tensor | None = None) -> torch.Tensor:
         """The next token of each row of `logits` [B, V]; sampling needs each row's `streams` and
         `steps` ([B] int64: its request's `stream_id` and how many tokens it has generated)."""
+        return self.pick(logits, streams, steps)[0]
+
+    def pick(self, logits: torch.Tensor, streams: torch.Tensor | None = None,
+             steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next token, its natural log-probability) of each row: under the distribution the token was
+        chosen from, as transformers' `compute_transition_scores(..., normalize_logits=True)` gives it
+        (greedy: softmax of the logits; sampling: of the tempered, top-p filtered logits)."""
+        logits = logits.float()
         if not self.settings.sampling:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / self.settings.temperature
+            tokens = logits.argmax(dim=-1)
+            return tokens, _log_prob(logits, tokens)
+        logits = logits / self.settings.temperature
         if self.settings.top_p < 1.0:
             logits = top_p_filter(logits, self.settings.top_p)
         if self._mixed_seed is None:
             self._mixed_seed = _mix(torch.tensor([self._seed], dtype=torch.int64, device=logits.device))
-        return (logits + gumbel_noise(self._mixed_seed, streams, steps, logits.shape[-1])).argmax(dim=-1)
+        tokens = (logits + gumbel_noise(self._mixed_seed, streams, steps, logits.shape[-1])).argmax(dim=-1)
+        return tokens, _log_prob(logits, tokens)
+
+
+def _log_prob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row, without materializing the whole log-softmax."""
+    return logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def stream_id(key: Hashable) -> int:
@@ -100,6 +115,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 class BeamOutput:
     tokens: list[int]  # without the final <eos>
     finish_reason: str  # "eos" or "length"
+    score: float  # the beam's own score: its tokens' summed log-probs / length ** length_penalty
+    min_logprob: float  # its least likely token's log-prob (<eos> included)
 
 
 @torch.inference_mode()
@@ -117,9 +134,11 @@ def beam_search(model: PaliGemma, ids: torch.Tensor, lengths: torch.Tensor, imag
     cols = lengths.to(device).repeat_interleave(k)
 
     running = torch.zeros(n, k, steps, dtype=torch.long, device=device)
+    running_lp = torch.zeros(n, k, steps, device=device)  # each token's log-prob, along each beam
     running_scores = torch.full((n, k), -1e9, device=device)
     running_scores[:, 0] = 0.0  # at first all beams are the same: only one may expand
     done = torch.zeros(n, k, steps, dtype=torch.long, device=device)
+    done_lp = torch.zeros(n, k, steps, device=device)
     done_scores = torch.full((n, k), -1e9, device=device)
     done_len = torch.zeros(n, k, dtype=torch.long, device=device)
     done_flag = torch.zeros(n, k, dtype=torch.bool, device=device)
@@ -129,17 +148,21 @@ def beam_search(model: PaliGemma, ids: torch.Tensor, lengths: torch.Tensor, imag
 
     for t in range(steps):
         vocab = logits.shape[-1]
-        scores = torch.log_softmax(logits, dim=-1).view(n, k, vocab) + running_scores[..., None]
+        token_lp = torch.log_softmax(logits, dim=-1).view(n, k * vocab)
+        scores = token_lp.view(n, k, vocab) + running_scores[..., None]
         cand_scores, flat = torch.topk(scores.view(n, -1), keep)
         cand_beam, cand_token = flat // vocab, flat % vocab
         cand = running.gather(1, cand_beam[..., None].expand(-1, -1, steps)).clone()
         cand[:, :, t] = cand_token
+        cand_lp = running_lp.gather(1, cand_beam[..., None].expand(-1, -1, steps)).clone()
+        cand_lp[:, :, t] = token_lp.gather(1, flat)
         ends = (cand_token == eos_id) | (t + 1 >= steps)
 
         # Beams that go on: the best k candidates that did not just end.
         alive_scores = cand_scores + ends.float() * -1e9
         nxt = torch.topk(alive_scores, k).indices
         running = cand.gather(1, nxt[..., None].expand(-1, -1, steps))
+        running_lp = cand_lp.gather(1, nxt[..., None].expand(-1, -1, steps))
         running_scores = alive_scores.gather(1, nxt)
         source_beam = cand_beam.gather(1, nxt)
 
@@ -149,6 +172,7 @@ def beam_search(model: PaliGemma, ids: torch.Tensor, lengths: torch.Tensor, imag
         merged_scores = torch.cat((done_scores, final), dim=1)
         best = torch.topk(merged_scores, k).indices
         done = torch.cat((done, cand), dim=1).gather(1, best[..., None].expand(-1, -1, steps))
+        done_lp = torch.cat((done_lp, cand_lp), dim=1).gather(1, best[..., None].expand(-1, -1, steps))
         done_scores = merged_scores.gather(1, best)
         done_len = torch.cat((done_len, torch.full_like(cand_token, t + 1)), dim=1).gather(1, best)
         done_flag = torch.cat((done_flag, ends & top_k_mask), dim=1).gather(1, best)
@@ -164,7 +188,12 @@ def beam_search(model: PaliGemma, ids: torch.Tensor, lengths: torch.Tensor, imag
         cache.copy_rows(torch.arange(n * k, device=device), rows)
         logits = model.decode(running[:, :, t].flatten(), cols + t, cache)
 
-    return [BeamOutput(*finish(done[i, 0, : done_len[i, 0]].tolist(), eos_id)) for i in range(n)]
+    outputs = []
+    for i in range(n):
+        length = int(done_len[i, 0])
+        outputs.append(BeamOutput(*finish(done[i, 0, :length].tolist(), eos_id), score=float(done_scores[i, 0]),
+                                  min_logprob=float(done_lp[i, 0, :length].min())))
+    return outputs
 
 
 def finish(tokens: list[int], eos_id: int) -> tuple[list[int], str]:

@@ -42,6 +42,15 @@ class Completion:
     tokens: list[int]  # generated ids, without the final <eos>
     finish_reason: str  # "eos" | "length"
     context: Any = None  # its ImageWork's
+    # Natural log-probs of the generated tokens, <eos> included when generated (see TokenSelector.pick);
+    # with beams `mean_logprob` is the beam's own score (summed log-probs / length ** length_penalty).
+    mean_logprob: float | None = None
+    min_logprob: float | None = None
+
+    def columns(self, text_column: str, decode: Callable[[list[int]], str]) -> dict[str, Any]:
+        """What a row says of this completion."""
+        return {text_column: decode(self.tokens), "num_tokens": len(self.tokens), "finish_reason": self.finish_reason,
+                "mean_logprob": self.mean_logprob, "min_logprob": self.min_logprob}
 
 
 @dataclass
@@ -62,6 +71,8 @@ class _Slots:
     done: torch.Tensor  # [S] no live sequence (free, or finished and not yet reaped)
     out: torch.Tensor  # [S, steps + 1] generated tokens; the last column takes the writes of dead rows
     stream: torch.Tensor  # [S] the sampler's stream of each slot's request (`generation.stream_id`)
+    logp_sum: torch.Tensor  # [S] float32: summed log-probs of the tokens generated so far
+    logp_min: torch.Tensor  # [S] float32: the least of them
 
     @classmethod
     def allocate(cls, slots: int, steps: int, pad: int, device: torch.device) -> "_Slots":
@@ -69,7 +80,8 @@ class _Slots:
             return torch.full(shape, value, dtype=dtype, device=device)
         return cls(token=filled(slots, value=pad), col=filled(slots), count=filled(slots),
                    done=filled(slots, value=True, dtype=torch.bool), out=filled(slots, steps + 1, value=pad),
-                   stream=filled(slots))
+                   stream=filled(slots), logp_sum=filled(slots, dtype=torch.float32),
+                   logp_min=filled(slots, dtype=torch.float32))
 
 
 @dataclass
@@ -217,8 +229,7 @@ class Engine:
         while True:
             if since_sync >= self.sync_every:  # reap finished sequences, freeing their slots
                 since_sync = 0
-                for i in [i for i in st.done.nonzero()[:, 0].tolist() if i in owner]:
-                    yield self._completion(owner.pop(i), st.out[i, : int(st.count[i])].tolist())
+                yield from self._reap(st, owner)
             more = more and self._fill(waiting, requests)
             free = [i for i in range(s) if i not in owner]
             # Once the input is exhausted nothing new arrives, so wait for as many free slots as there
@@ -252,8 +263,9 @@ class Engine:
             # The sampler's streams; greedy decoding reads none, so it builds no host tensor to copy over.
             streams = (torch.tensor([stream_id(r.key) for r in group], device=dev) if self.settings.sampling
                        else torch.zeros(len(group), dtype=torch.long, device=dev))
-            first = self.select(prefill_logits, streams, torch.zeros_like(streams))
+            first, logp = self.select.pick(prefill_logits, streams, torch.zeros_like(streams))
             st.token[rows], st.col[rows], st.count[rows], st.stream[rows] = first, lengths, 1, streams
+            st.logp_sum[rows], st.logp_min[rows] = logp, logp
             st.out[rows, 0] = first
             st.done[rows] = (first == self.eos) | (steps == 1)
             owner.update(zip(rows.tolist(), group))
@@ -274,7 +286,10 @@ class Engine:
     def _advance(self, st: _Slots, live: torch.Tensor, logits: torch.Tensor) -> None:
         """Record the next token of each live row among the first len(live) slots (no host sync)."""
         hi, steps = len(live), self.settings.max_new_tokens
-        nxt = torch.where(live, self.select(logits, st.stream[:hi], st.count[:hi]), self.pad)
+        chosen, logp = self.select.pick(logits, st.stream[:hi], st.count[:hi])
+        nxt = torch.where(live, chosen, self.pad)
+        st.logp_sum[:hi] += torch.where(live, logp, 0.0)
+        st.logp_min[:hi] = torch.where(live, torch.minimum(st.logp_min[:hi], logp), st.logp_min[:hi])
         st.out[:hi].scatter_(1, torch.where(live, st.count[:hi], steps)[:, None], nxt[:, None])
         st.token[:hi] = nxt
         st.col[:hi] += live.long()
@@ -306,10 +321,19 @@ class Engine:
 
         return replayed
 
-    def _completion(self, request: _Request, tokens: list[int]) -> Completion:
-        tokens, reason = finish(tokens, self.eos)
-        self.stats.generated_tokens += len(tokens)
-        return Completion(request.key, tokens, reason, request.context)
+    def _reap(self, st: _Slots, owner: dict[int, _Request]) -> Iterator[Completion]:
+        """The completions of the occupied slots whose sequence finished, freeing those slots (one
+        host-device sync for them all)."""
+        finished = [i for i in st.done.nonzero()[:, 0].tolist() if i in owner]
+        if not finished:
+            return
+        counts, sums, mins = (values[finished].tolist() for values in (st.count, st.logp_sum, st.logp_min))
+        for i, out, count, total, least in zip(finished, st.out[finished].tolist(), counts, sums, mins):
+            request = owner.pop(i)
+            tokens, reason = finish(out[:count], self.eos)
+            self.stats.generated_tokens += len(tokens)
+            yield Completion(request.key, tokens, reason, request.context, mean_logprob=total / count,
+                             min_logprob=least)
 
     # -- beam search: static, length-bucketed batches ----------------------------------------------
     def _run_beams(self, requests: Iterator[_Request]) -> Iterator[Completion]:
@@ -325,4 +349,5 @@ class Engine:
             results = beam_search(self.model, ids, lengths, features, self.settings, self.eos)
             for request, result in zip(group, results):
                 self.stats.generated_tokens += len(result.tokens)
-                yield Completion(request.key, result.tokens, result.finish_reason, request.context)
+                yield Completion(request.key, result.tokens, result.finish_reason, request.context,
+                                 mean_logprob=result.score, min_logprob=result.min_logprob)

@@ -1,12 +1,11 @@
 """What every benchmark shares: names, default Hub datasets and splits, the set of items with its lazily
 read images, and the readers of JSON files and datasets. Whatever the source, captions become a
 `CaptionSet` and questions a `VqaSet`, so scoring and generation never look at file formats; images in a
-dataset are read only when a model has to see them.
+dataset are read only when a model has to see them, and images given as URLs are fetched by the job.
 
-Default Hub datasets (`data=None`), chosen because they load as plain Parquet: coco `yerevann/coco-karpathy`
-(Karpathy test, 5,000 images; captions and image URLs only), flickr30k `lmms-lab/flickr30k` (all 31,783
-images in one "test" split, as lmms-eval scores it), vqav2 `lmms-lab/VQAv2` split "validation" (214,354
-val2014 questions with images and ten answers each).
+Default Hub datasets (`data=None`), Parquet all three: coco `yerevann/coco-karpathy` (Karpathy test, 5,000
+images; captions and image URLs, fetched), flickr30k `umaru97/flickr30k_train_val_test` (Karpathy's split,
+test 1,000 images, embedded), vqav2 `lmms-lab/VQAv2` (val2014 "validation", 214,354 questions, embedded).
 """
 
 from __future__ import annotations
@@ -27,11 +26,11 @@ from typing import (
 )
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.sources.records import SAVED_DATASET_MARKERS, ImageRecord, ImageRef
+from vlmbatch.sources.records import SAVED_DATASET_MARKERS, URL_COLUMNS, ImageRecord, ImageRef, as_url
 
 CAPTION_DATASETS = ("coco", "flickr30k")
 VQA_DATASETS = ("vqav2",)
-DEFAULT_HUB_DATASETS = {"coco": "yerevann/coco-karpathy", "flickr30k": "lmms-lab/flickr30k",
+DEFAULT_HUB_DATASETS = {"coco": "yerevann/coco-karpathy", "flickr30k": "umaru97/flickr30k_train_val_test",
                         "vqav2": "lmms-lab/VQAv2"}
 DEFAULT_SPLITS = {"coco": "test", "flickr30k": "test", "vqav2": "validation"}
 # Karpathy calls it "val", the Hub usually "validation".
@@ -201,6 +200,26 @@ _LOCAL_COPY = ("pass a local copy with --data (an annotation file, a folder of a
 
 def first_column(columns: Sequence[str], names: Sequence[str]) -> str | None:
     return next((name for name in names if name in columns), None)
+
+
+def table_images(table: Any, first_rows: Mapping[str, int]) -> ImageSource | None:
+    """The lazy images of a dataset: its `image` column, else a URL column (`URL_COLUMNS`, as `Url`s the
+    job fetches), else None (a table of references only)."""
+    columns = table.column_names
+    if "image" in columns:
+        return dataset_images(table, "image", first_rows)
+    url_column = first_column(columns, URL_COLUMNS)
+    if url_column is None:
+        return None
+
+    def urls() -> Iterator[tuple[str, ImageRef]]:
+        values = list(table[url_column])  # one column of text, read once per pass
+        for image_id, row in first_rows.items():
+            url = as_url(values[row]) if isinstance(values[row], str) else None
+            if url is not None:
+                yield image_id, url
+
+    return urls
 
 
 def dataset_images(table: Any, column: str, first_rows: Mapping[str, int]) -> ImageSource:

@@ -18,7 +18,7 @@ from vlmbatch.evaluation.benchmarks import (
     ImageFinder,
     as_id,
     data_root,
-    dataset_images,
+    table_images,
     first_column,
     is_saved_dataset,
     load_dataset_split,
@@ -193,7 +193,7 @@ def caption_set_from_dataset(dataset: str, table: Any, split: str, source: str) 
         first_rows.setdefault(image_id, index)
     items = [CaptionItem(image_id, files[image_id], tuple(refs), aliases=aliases[image_id])
              for image_id, refs in captions.items()]
-    images = dataset_images(table, image_column, first_rows) if image_column else None
+    images = table_images(table, first_rows)
     return CaptionSet(dataset, split, source, image_source=images, items=items)
 
 

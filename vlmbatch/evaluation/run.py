@@ -31,7 +31,9 @@ from vlmbatch.evaluation.predictions import (
     load_caption_predictions,
     load_vqa_predictions,
 )
+from vlmbatch.evaluation.protocols import SERVER_SPLITS, server_results_name
 from vlmbatch.evaluation.vqa_data import VqaSet, load_vqa_set
+from vlmbatch.evaluation.vqa_server import results_entries, results_text
 from vlmbatch.sinks.atomic import output_errors, write_atomically
 from vlmbatch.sources.records import ImageRecord, Question
 
@@ -95,6 +97,7 @@ class EvalReport:
     settings: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     split_total: int | None = None  # items in the whole split, when --limit scored fewer
+    results_json: str | None = None  # a split without public answers: the results JSON for the server, no scores
     # What the HTML report (vlmbatch.review.eval_report) shows beside the scores: each item's scores, as
     # --per-item writes them, and the benchmark the items come from (references, questions, images).
     per_item: dict[str, list[Any]] = field(default_factory=dict, repr=False)
@@ -266,6 +269,8 @@ def run_eval(request: EvalRequest, generate: GenerateFn | None = None, *,
     limited = request.limit is not None and request.limit < len(split.items)
     bench = split.head(request.limit) if limited else split
     path = _predictions_file(request, task, bench, generate)
+    if isinstance(bench, VqaSet) and not bench.answered:
+        return _server_results(request, bench, path, len(split.items) if limited else None)
     # Read against the whole split, so that a file's predictions beyond the limit are not "unmatched".
     predictions = (load_caption_predictions(path, split) if isinstance(split, CaptionSet)
                    else load_vqa_predictions(path, split))
@@ -297,12 +302,29 @@ def run_eval(request: EvalRequest, generate: GenerateFn | None = None, *,
     return report
 
 
+def _server_results(request: EvalRequest, bench: VqaSet, predictions: Path, split_total: int | None) -> EvalReport:
+    """No scores: the answers as the evaluation server's results JSON, at --out or under the name it expects."""
+    entries, answered = results_entries(bench, predictions)
+    out = request.out or Path(server_results_name(SERVER_SPLITS[bench.split]))
+    _write_report(out, lambda file: file.write(results_text(entries).encode("utf-8")))
+    return EvalReport(dataset=request.dataset, task="vqa", split=bench.split, source=bench.source, scores={},
+                      covered=answered, total=len(entries), predictions=str(predictions), model=request.model,
+                      settings=dict(request.settings), split_total=split_total, results_json=str(out))
+
+
 def _format(value: float) -> str:
     return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 
 
 def render_report(report: EvalReport, console: Console, *, question_types: bool = False) -> None:
-    """Print the scores as a table, then the notes (partial coverage, skipped metrics) one line each."""
+    """Print the scores as a table, then the settings and the notes (partial coverage, skipped metrics)
+    one line each; for a split without public answers, where its results JSON went instead."""
+    if report.results_json is not None:
+        console.print(f"VQAv2 {report.split} has no public answers, so nothing is scored here: wrote "
+                      f"{report.covered:,} of {report.total:,} answers to {report.results_json}, the results JSON "
+                      "for the VQA evaluation server (EvalAI).", markup=False, highlight=False)
+        _print_notes(report, console)
+        return
     title = (f"{report.dataset} {report.split} — {report.covered:,} of {report.total:,} "
              f"{'images' if report.task == 'caption' else 'questions'}")
     table = Table(title=title, min_width=len(title))
@@ -319,5 +341,11 @@ def render_report(report: EvalReport, console: Console, *, question_types: bool 
             for kind, value in sorted(report.scores["perQuestionType"].items()):
                 table.add_row(f"  question type: {kind}", f"{value:.2f}")
     console.print(table)
+    _print_notes(report, console)
+
+
+def _print_notes(report: EvalReport, console: Console) -> None:
+    if report.settings.get("protocol"):
+        console.print(f"Settings: {report.settings['protocol']}.", markup=False, highlight=False)
     for line in report.notes():
         console.print(line, style="yellow", markup=False, highlight=False)

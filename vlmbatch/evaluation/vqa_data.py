@@ -17,12 +17,13 @@ from vlmbatch.evaluation.benchmarks import (
     ImageFinder,
     as_id,
     data_root,
-    dataset_images,
+    table_images,
     is_saved_dataset,
     load_dataset_split,
     read_json,
 )
 from vlmbatch.evaluation.metrics.vqa import VqaAnnotation
+from vlmbatch.evaluation.protocols import SERVER_FILE_SPLITS, SERVER_SPLITS
 from vlmbatch.sources.records import ImageRef, Question
 
 
@@ -37,7 +38,10 @@ class VqaItem(VqaAnnotation):
 
 @dataclass
 class VqaSet(EvalSet[VqaItem]):
-    """A VQA benchmark split: questions with their human answers and images."""
+    """A VQA benchmark split: questions with their human answers and images. `answered` is False for a
+    split without public answers (test-dev, test-std): its answers go to the evaluation server."""
+
+    answered: bool = True
 
     def questions(self) -> list[Question]:
         """The questions as the VQA task takes them (`image` is the image's record id)."""
@@ -64,9 +68,14 @@ def parse_vqa(questions: Mapping[str, Any], annotations: Mapping[str, Any],
     return items
 
 
+def _annotation_dirs(folder: Path) -> list[Path]:
+    """Where the official files sit in a VQAv2 folder: in it, or in its questions/ and annotations/."""
+    return [folder, folder / "questions", folder / "annotations", folder / "Questions", folder / "Annotations"]
+
+
 def _find_vqa_pair(folder: Path, split: str | None) -> tuple[Path, Path, str]:
     """(questions file, annotations file, subtype) in a folder or its questions/ and annotations/ subfolders."""
-    pattern_dirs = [folder, folder / "questions", folder / "annotations", folder / "Questions", folder / "Annotations"]
+    pattern_dirs = _annotation_dirs(folder)
     questions = {p.name[len("v2_OpenEnded_mscoco_"):-len("_questions.json")]: p
                  for d in pattern_dirs for p in sorted(d.glob("v2_OpenEnded_mscoco_*_questions.json"))}
     annotations = {p.name[len("v2_mscoco_"):-len("_annotations.json")]: p
@@ -84,6 +93,20 @@ def _find_vqa_pair(folder: Path, split: str | None) -> tuple[Path, Path, str]:
     else:
         raise VlmbatchError(f"{folder} has no VQAv2 files for split {split!r} (it has: {', '.join(subtypes)})")
     return questions[subtype], annotations[subtype], subtype
+
+
+def _server_questions(folder: Path, split: str) -> VqaSet:
+    """test-dev or test-std from the official questions file (there are no annotations), the images in
+    test2015/ (test-dev's are a part of test2015's)."""
+    name = f"v2_OpenEnded_mscoco_{SERVER_FILE_SPLITS[SERVER_SPLITS[split]]}_questions.json"
+    found = next((d / name for d in _annotation_dirs(folder) if (d / name).is_file()), None)
+    if found is None:
+        raise VlmbatchError(f"no {name} in {folder}: the official VQAv2 {split} questions are needed")
+    image_path = _vqa_image_finder(folder, "test2015")
+    items = [VqaItem(question_id=as_id(q["question_id"]), answers=(), answer_type="unknown", question_type="unknown",
+                     image_id=as_id(q["image_id"]), question=q["question"], image=image_path(as_id(q["image_id"])))
+             for q in read_json(found)["questions"]]
+    return VqaSet("vqav2", split, str(folder), items=items, answered=False)
 
 
 def _vqa_image_finder(root: Path, subtype: str) -> Callable[[str], Path | None]:
@@ -106,7 +129,8 @@ def _answer_texts(value: Any) -> tuple[str, ...]:
 def vqa_set_from_dataset(table: Any, split: str, source: str) -> VqaSet:
     """A VqaSet from a `datasets.Dataset` with question_id, question, answers (and image, types)."""
     columns = table.column_names
-    missing = [name for name in ("question_id", "question", "answers") if name not in columns]
+    answered = split not in SERVER_SPLITS  # whatever a copy holds there, nothing public to score against
+    missing = [name for name in ("question_id", "question", "answers")[:3 if answered else 2] if name not in columns]
     if missing:
         raise VlmbatchError(f"{source} lacks the column(s) {', '.join(missing)} a VQA dataset needs")
     image_column = "image" if "image" in columns else None
@@ -117,23 +141,27 @@ def vqa_set_from_dataset(table: Any, split: str, source: str) -> VqaSet:
         image_id = as_id(row["image_id"]) if row.get("image_id") is not None else f"row{index}"
         first_rows.setdefault(image_id, index)
         items.append(VqaItem(
-            question_id=as_id(row["question_id"]), answers=_answer_texts(row["answers"]),
+            question_id=as_id(row["question_id"]), answers=_answer_texts(row["answers"]) if answered else (),
             answer_type=row.get("answer_type") or "unknown", question_type=row.get("question_type") or "unknown",
             image_id=image_id, question=row["question"]))
-    images = dataset_images(table, image_column, first_rows) if image_column else None
-    return VqaSet("vqav2", split, source, image_source=images, items=items)
+    images = table_images(table, first_rows)
+    return VqaSet("vqav2", split, source, image_source=images, items=items, answered=answered)
 
 
 def load_vqa_set(data: str | os.PathLike | None = None, split: str | None = None) -> VqaSet:
     """Load VQAv2: a folder with the official question/annotation pair (and images), either file of the pair,
-    a `save_to_disk` dataset, or a Hub dataset id (None: the default Hub dataset, split "validation")."""
+    a `save_to_disk` dataset, or a Hub dataset id (None: the default Hub dataset, split "validation").
+    "test-dev" and "test-std" (questions without answers) name the Hub's "testdev" and "test" splits, or
+    a folder's official questions file for them."""
     source = str(data) if data is not None else DEFAULT_HUB_DATASETS["vqav2"]
     path = Path(source)
     if path.is_file():
         path = data_root(path)
+    if path.is_dir() and not is_saved_dataset(path) and split in SERVER_SPLITS:
+        return _server_questions(path, split)
     if path.is_dir() and not is_saved_dataset(path):
         questions, annotations, subtype = _find_vqa_pair(path, split)
         items = parse_vqa(read_json(questions), read_json(annotations), _vqa_image_finder(path, subtype))
         return VqaSet("vqav2", subtype, str(path), items=items)
     split = split or DEFAULT_SPLITS["vqav2"]
-    return vqa_set_from_dataset(load_dataset_split(source, split), split, source)
+    return vqa_set_from_dataset(load_dataset_split(source, SERVER_SPLITS.get(split, split)), split, source)

@@ -90,7 +90,9 @@ def read_output(out: str | os.PathLike, *, max_chars: int | None = None,
     recompute = "flags" not in names or max_chars is not None or min_confidence is not None
     siglip_column = next((name for name in ("siglip_prob", "siglip_cos") if name in names), None)
     latest: dict[str, dict[tuple, ReviewRow]] = {}
-    scored = False  # caption outputs have the SigLIP columns from the start, null until `vlmbatch score`
+    # Columns an output may have and leave null (SigLIP until `vlmbatch score`; rows written before the
+    # engine kept log-probs): offered for sorting only where some row has a value.
+    scored = confident = False
     try:
         batches = dataset.to_batches(columns=[name for name in _COLUMNS if name in names], batch_size=_BATCH_ROWS)
         for batch in batches:
@@ -101,12 +103,13 @@ def read_output(out: str | os.PathLike, *, max_chars: int | None = None,
                 # The latest row of a key wins, as when the sink merges (files are read in write order).
                 latest.setdefault(str(values["id"]), {})[key] = row
                 scored = scored or row.siglip is not None
+                confident = confident or row.mean_logprob is not None
     except OSError as exc:  # pyarrow's errors for damaged files are OSError subclasses
         raise VlmbatchError(f"cannot read {out} as Parquet: {exc}") from None
     cards = sorted((Card(card_id, list(rows.values())) for card_id, rows in latest.items()), key=lambda c: c.rank)
     languages = sorted({row.lang for card in cards for row in card.rows if row.lang})
     return ReviewData(path=os.fspath(out), cards=cards, task="caption" if text_column == "caption" else "vqa",
-                      has_confidence="mean_logprob" in names, has_siglip=scored,
+                      has_confidence=confident, has_siglip=scored,
                       siglip_column=siglip_column if scored else None, languages=languages)
 
 

@@ -24,11 +24,13 @@ from vlmbatch.sources.records import (
     DEFAULT_IMAGE_COLUMN,
     DEFAULT_SPLIT,
     MANIFEST_BUILDERS,
+    URL_COLUMNS,
     Columns,
     ImageRecord,
     ImageRef,
     Source,
     Unreadable,
+    as_url,
     file_version,
     normalize_image_key,
 )
@@ -140,7 +142,7 @@ def _dataset_source(
     """Validate the columns, switch image decoding off and wrap the dataset as a `Source`. `confine`
     (what `base_dir` is the folder of, for messages) refuses image paths outside `base_dir`."""
     names = _column_names(dataset, description)
-    image_column = columns.image or _default_image_column(dataset.features)
+    image_column = columns.image or _default_image_column(dataset.features, names)
     id_column = columns.id or (DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in names else None)
     for option, column in (("--image-column", image_column), ("--id-column", id_column)):
         if column is not None and column not in names:
@@ -170,11 +172,13 @@ def _column_names(dataset: AnyDataset, description: str) -> list[str]:
     return list(first)
 
 
-def _default_image_column(features: datasets.Features | None) -> str:
-    """The first column typed as `datasets.Image`, else "image"."""
+def _default_image_column(features: datasets.Features | None, names: list[str]) -> str:
+    """The first column typed as `datasets.Image`, else "image", else a URL column (`URL_COLUMNS`)."""
     for name, feature in (features or {}).items():
         if isinstance(feature, datasets.Image):
             return name
+    if DEFAULT_IMAGE_COLUMN not in names:
+        return next((name for name in URL_COLUMNS if name in names), DEFAULT_IMAGE_COLUMN)
     return DEFAULT_IMAGE_COLUMN
 
 
@@ -232,6 +236,8 @@ class _DatasetReader:
             return b""
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
+        if isinstance(value, str) and as_url(value):
+            return as_url(value)  # fetched by the job when --fetch-images says so
         if isinstance(value, str):
             is_local = "://" not in value
             is_local_relative = is_local and not os.path.isabs(value)

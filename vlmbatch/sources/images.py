@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vlmbatch.errors import ImageDecodeError
-from vlmbatch.sources.records import ImageRef, TarMember, Unreadable, file_version, readable
+from vlmbatch.sources.records import ImageRef, TarMember, Unreadable, Url, file_version, readable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # What a path names when it is not a regular file, as an error row says it.
@@ -59,6 +59,8 @@ def _load_image(ref: ImageRef) -> Image.Image:
         raise ImageDecodeError(ref.reason)
     if isinstance(ref, TarMember):
         ref = _member_bytes(ref)
+    if isinstance(ref, Url):
+        raise ImageDecodeError(f"image URL not fetched (fetching is off): {ref.url}; pass --fetch-images")
     if isinstance(ref, (bytes, bytearray)) and not ref:
         raise ImageDecodeError("no image data (an empty or missing value)")
     if isinstance(ref, str) and "://" in ref:

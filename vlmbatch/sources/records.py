@@ -20,6 +20,9 @@ SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 DEFAULT_SPLIT = "test"
 DEFAULT_IMAGE_COLUMN = "image"
 DEFAULT_ID_COLUMN = "id"  # used when present and no --id-column is given
+# Columns a table's images are read from, when it has no image column, as URLs (COCO's and Flickr's names).
+URL_COLUMNS = ("url", "image_url", "coco_url", "flickr_url")
+URL_SCHEMES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,21 @@ class TarMember:
     shard_version: str | None = None
 
 
+@dataclass(frozen=True)
+class Url:
+    """An image on a web server: fetched into the image cache by `sources.fetch` (--fetch-images) before it
+    is decoded; without fetching, decoding refuses it with a reason that names the flag."""
+
+    url: str
+
+
+def as_url(value: str) -> Url | None:
+    """`value` as a `Url` if it is an http(s) URL, else None."""
+    return Url(value) if value.lower().startswith(URL_SCHEMES) else None
+
+
 # Where an image comes from. Decoding is deferred to the processor workers so sources stay cheap.
-ImageRef = Union[str, os.PathLike, bytes, Image.Image, Unreadable, TarMember]
+ImageRef = Union[str, os.PathLike, bytes, Image.Image, Unreadable, TarMember, Url]
 
 
 @dataclass(frozen=True)
