@@ -528,6 +528,18 @@ def test_eval_report_of_vqa_has_accuracy_per_answer_type_and_the_questions(vqa_f
     assert [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]] == []
 
 
+def test_eval_report_of_a_split_without_answers_says_where_the_results_went(tmp_path):
+    from vlmbatch.evaluation.run import EvalReport
+    from vlmbatch.review.eval_report import write_eval_report
+
+    report = EvalReport(dataset="vqav2", task="vqa", split="test-dev", source="x", scores={}, covered=3, total=3,
+                        predictions="answers.parquet", results_json="results.json",
+                        settings={"generation": {"num_beams": 1}})
+    page = write_eval_report(report, tmp_path / "e.html").read_text()
+    assert "<tbody>\n</tbody>" in page and "num_beams" in page and "The 0 worst questions" in page
+    assert "3 answers went to results.json" in page
+
+
 def test_eval_report_to_an_unwritable_place_is_refused_before_scoring(vqa_folder, tmp_path):
     result = runner.invoke(app, ["eval", "--dataset", "vqav2", "--data", str(vqa_folder), "--predictions",
                                  str(tmp_path / "missing.parquet"), "--report", str(tmp_path / "no" / "e.html")])

@@ -35,9 +35,16 @@ def write_eval_report(report: EvalReport, html: str | Path, *, worst: int = WORS
                    subtitle=f"{report.covered:,} of {report.total:,} "
                             f"{'images' if report.task == 'caption' else 'questions'} scored, "
                             f"predictions from {report.predictions}",
-                   scores=_score_rows(report), notes=report.notes(), settings=_settings(report),
+                   scores=_score_rows(report), notes=_notes(report), settings=_settings(report),
                    items=items, metric=metric, task=report.task)
     return html
+
+
+def _notes(report: EvalReport) -> list[str]:
+    if report.results_json is not None:
+        return [f"This split has no public answers: {report.covered:,} answers went to {report.results_json}, "
+                "the results JSON for the evaluation server.", *report.notes()]
+    return report.notes()
 
 
 def _number(value: Any, digits: int = 4) -> str:
