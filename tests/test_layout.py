@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vlmbatch"
 # Floors, lowest first: a module may import its own stage's modules and those of lower floors only.
 FLOORS = {"errors": 0, "spec": 0, "hub": 0, "jobspec": 1, "sources": 1, "sinks": 1, "model": 2, "engine": 3,
-          "evaluation": 4, "distributed": 4, "detection": 4,
+          "evaluation": 4, "distributed": 4, "detection": 4, "review": 4,
           "scoring": 5,
           "pipeline": 5, "cli": 6, "__main__": 7, "__init__": 0}
 

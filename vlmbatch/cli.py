@@ -313,6 +313,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
   vlmbatch eval --dataset coco --data ./coco --split test --out scores.json             (a local copy)\n
   vlmbatch eval --dataset coco --data dataset_coco.json --predictions caps.parquet      (score only)\n
   vlmbatch eval --dataset vqav2 --data ./vqav2 --split val2014 --limit 200              (a quick check)\n
+  vlmbatch eval --dataset coco --data ./coco --predictions caps.parquet --report eval.html  (+ a page)\n
   vlmbatch eval --provision-spice                                                       (fetch SPICE's CoreNLP jars)\n
 Without --data, each benchmark reads: coco yerevann/coco-karpathy split test (Karpathy test, 5,000 images, fetched from their \
 URLs), flickr30k umaru97/flickr30k_train_val_test split test (Karpathy test, 1,000 images), vqav2 \
@@ -328,6 +329,8 @@ def eval_(
     predictions: Optional[Path] = typer.Option(None, "--predictions", "-p", help="Score these predictions (Parquet or results JSON) instead of generating."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scores JSON (VQAv2 test-dev / test-std: the results JSON)."),
     per_item: Optional[Path] = typer.Option(None, "--per-item", help="Parquet with each item's scores."),
+    report_html: Optional[Path] = typer.Option(None, "--report", help="An HTML page with the scores, the settings "
+                                               "and the 50 worst items (by CIDEr or VQA accuracy) with their images."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset: bleu,meteor,rouge,cider,spice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help='Prompt (captions) or template with {question} (VQA); default: the benchmark\'s.'),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the split's first N items (images, or VQA questions): a quick check."),
@@ -353,6 +356,8 @@ def eval_(
     from vlmbatch.evaluation.metrics.spice import provision_corenlp
     from vlmbatch.evaluation.protocols import PROTOCOLS
     from vlmbatch.evaluation.run import EvalRequest, render_report, run_eval
+    from vlmbatch.review.eval_report import write_eval_report
+    from vlmbatch.review.page import check_writable
 
     with _fatal_errors(debug):
         if provision_spice:
@@ -395,8 +400,50 @@ def eval_(
             dataset=dataset, data=data, split=split, predictions=predictions, out=out, per_item=per_item,
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
             model=model if generating else None, limit=limit, settings=settings if generating else {})
+        if report_html is not None:
+            check_writable(report_html)  # refused now, not after the model has run
         report = run_eval(request, generate if generating else None)
         render_report(report, Console())
+        if report_html is not None:
+            write_eval_report(report, report_html)
+            if not quiet:
+                console.print(f"report {report_html}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command(epilog="""Examples:\n
+  vlmbatch report alt.parquet --source ./photos --html report.html\n
+  vlmbatch report alt/ --source ./photos --html report.html --no-embed      (thumbnails in report_files/)\n
+  vlmbatch report alt.parquet --html report.html --max-chars 100 --min-confidence -1.5\n
+The page is one offline file (no network, its own script only): a summary with each flag's count and
+histograms, then each image with every language's text, worst first, to filter, sort and search.""")
+def report(
+    out: str = typer.Argument(..., help="A job's output: a .parquet file or a Parquet dataset folder."),
+    html: Path = typer.Option(..., "--html", help="The HTML page to write."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="What the job read (folder, dataset, manifest): "
+                                         "its images become thumbnails, matched by id. Without it, placeholders."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Flag texts longer than this as too_long "
+                                            "(re-flags every row; default: the job's flags, else 125)."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="Flag rows whose mean token "
+                                                   "log-prob is below this as low_confidence (re-flags every row)."),
+    page_size: int = typer.Option(500, "--page-size", help="Images shown per page."),
+    embed: bool = typer.Option(True, "--embed/--no-embed", help="Thumbnails inside the page (one file), or as "
+                               "files in NAME_files/ beside it."),
+    quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Write an HTML page to review OUT's alt text in: thumbnails, texts, confidence and flags, worst first."""
+    from vlmbatch.review.report import build_report
+
+    with _fatal_errors(debug):
+        done = build_report(out, html, source=source, max_chars=max_chars, min_confidence=min_confidence,
+                            page_size=page_size, embed=embed)
+        if not quiet:
+            flagged = ", ".join(f"{name} {count}" for name, count in done.flags.items() if count) or "no flags"
+            console.print(f"report {done.html}: {done.rows} rows, {done.images} images "
+                          f"({done.thumbnails} with thumbnails), {done.errors} errors; {flagged}",
+                          highlight=False, markup=False, soft_wrap=True)
+        if source is not None and done.images and not done.thumbnails:  # said even with --quiet
+            console.print(f"[yellow]warning:[/] no image of {escape(source)} has an id of {escape(out)}: is it the "
+                          "source the job read?", highlight=False, soft_wrap=True)
 
 
 # -- helpers --------------------------------------------------------------------------------------

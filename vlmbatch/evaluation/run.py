@@ -98,6 +98,10 @@ class EvalReport:
     timings: dict[str, float] = field(default_factory=dict)
     split_total: int | None = None  # items in the whole split, when --limit scored fewer
     results_json: str | None = None  # a split without public answers: the results JSON for the server, no scores
+    # What the HTML report (vlmbatch.review.eval_report) shows beside the scores: each item's scores, as
+    # --per-item writes them, and the benchmark the items come from (references, questions, images).
+    per_item: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+    benchmark: CaptionSet | VqaSet | None = field(default=None, repr=False)
 
     @property
     def partial(self) -> bool:
@@ -290,7 +294,7 @@ def run_eval(request: EvalRequest, generate: GenerateFn | None = None, *,
         covered=len(predictions.texts), total=len(bench.items), predictions=str(path),
         failed=predictions.failed, unmatched=predictions.unmatched, skipped=skipped,
         model=request.model, settings=dict(request.settings), timings=timings,
-        split_total=len(split.items) if limited else None)
+        split_total=len(split.items) if limited else None, per_item=rows, benchmark=bench)
     if request.out is not None:
         write_scores_json(request.out, report)
     if request.per_item is not None:
