@@ -172,6 +172,11 @@ def caption(
     lang: Optional[str] = typer.Option(_JOB["lang"], "--lang", help="Caption languages, e.g. en,es,fr,de: one row "
                                        "per image and language (column lang), the image encoded once for all. "
                                        "A language added later captions only that language."),
+    max_chars: int = typer.Option(_JOB["max_chars"], "--max-chars", help="Alt text longer than this is flagged "
+                                  "too_long (column flags; 125 is the common screen-reader guideline)."),
+    min_confidence: Optional[float] = typer.Option(_JOB["min_confidence"], "--min-confidence", help="Flag "
+                                                   "low_confidence below this mean_logprob (natural log per token, "
+                                                   "e.g. -1.5); default: no such flag."),
     score_with: Optional[str] = typer.Option(_JOB["score_with"], "--score-with", help="A SigLIP checkpoint (e.g. "
                                              f"{DEFAULT_SCORE_MODEL}) scoring each new caption against its image as "
                                              "it is written (siglip_prob, siglip_cos); see `vlmbatch score`."),

@@ -42,6 +42,7 @@ from vlmbatch.model.memory import (
     not_enough,
 )
 from vlmbatch.model.processor import Processor
+from vlmbatch.review.rules import alt_text_flags
 from vlmbatch.sinks.outputs import is_folder_output, open_sink, written_paths
 from vlmbatch.sinks.rows import FAILURE_COLUMN, KEYS, SCHEMAS, VERSION_COLUMN
 from vlmbatch.sources.decode import decode_one, decode_stream, decode_with_size
@@ -327,6 +328,8 @@ class Job:
         with self.sink as sink:
             done, failed = sink.done_keys(), sink.failed_keys
             for row in self._rows(done, failed, summary):
+                if self.spec.task == "caption":  # the alt-text rules, as the row is written
+                    row["flags"] = self._flags(row)
                 summary.written += sink.write([row])  # a failure the output already holds is not rewritten
                 summary.errors += row["error"] is not None
                 summary.generated_tokens += row["num_tokens"]
@@ -335,6 +338,12 @@ class Job:
                     progress(summary)
         summary.seconds = time.monotonic() - started
         return summary
+
+    def _flags(self, row: dict) -> list[str]:
+        spec = self.spec
+        return alt_text_flags(row["caption"], error=row["error"], truncated=row["finish_reason"] == "length",
+                              mean_logprob=row.get("mean_logprob"), lang=row.get("lang"), max_chars=spec.max_chars,
+                              min_confidence=spec.min_confidence)
 
     def _rows(self, done: Mapping[tuple, str | None], failed: Collection[tuple], summary: Summary) -> Iterator[dict]:
         """The rows of the images still to do, as they are made: error rows of images that could not be

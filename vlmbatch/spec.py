@@ -25,10 +25,11 @@ LANG_PROMPT = "caption {lang}"  # PaliGemma mix's multilingual captions
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
 TASKS = ("caption", "vqa", "detect", "segment")
 DETECTION_TASKS = ("detect", "segment")  # answers parsed into objects (vlmbatch.detection)
+DEFAULT_MAX_CHARS = 125  # alt text longer than this is flagged too_long: the common screen-reader guideline
 DEFAULT_FLUSH_ROWS = 256  # rows buffered before a part file is written (what a kill can cost)
 
 # The one statement of each setting's bounds: flags, job specs and --set values all meet them here.
-AT_LEAST = {"max_new_tokens": 1, "num_beams": 1, "temperature": 0, "batch_size": 1, "limit": 1, "flush_rows": 1,
+AT_LEAST = {"max_chars": 1, "max_new_tokens": 1, "num_beams": 1, "temperature": 0, "batch_size": 1, "limit": 1, "flush_rows": 1,
             "workers": 0, "gpus_per_worker": 0, "fetch_retries": 0, "fetch_workers": 1, "max_image_bytes": 1}
 # --fetch-images (vlmbatch.sources.fetch): seconds per try, tries after the first, fetches in flight, bytes.
 DEFAULT_FETCH_TIMEOUT_S = 30.0
@@ -200,6 +201,8 @@ class JobSpec:
     model: str = DEFAULT_MODEL
     prompt: str = DEFAULT_CAPTION_PROMPT  # caption; with `lang`, {lang} is each language's code
     lang: Languages | None = None  # caption: one row per image and language, prompted "caption {lang}"
+    max_chars: int = DEFAULT_MAX_CHARS  # caption: longer alt text is flagged too_long (review.rules)
+    min_confidence: float | None = None  # caption: a mean_logprob below this is flagged low_confidence
     prompt_template: str = DEFAULT_VQA_TEMPLATE  # vqa
     questions: str | None = None  # vqa: JSONL / CSV / Parquet file
     question: str | None = None  # vqa: one question for every image

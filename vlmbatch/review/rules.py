@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import re
 
+from vlmbatch.spec import DEFAULT_MAX_CHARS
+
 FLAGS = ("error", "empty", "truncated", "too_long", "low_confidence", "redundant_prefix")
-MAX_CHARS = 125  # the common screen-reader guideline for alt text
+MAX_CHARS = DEFAULT_MAX_CHARS  # the common screen-reader guideline for alt text; one default for jobs and reports
 
 # Per language: articles that may open the text, and the phrases a screen reader makes redundant (it
 # already announces an image). English is checked for every language: the model often answers in it.
