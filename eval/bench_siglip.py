@@ -62,9 +62,10 @@ def run_vlmbatch(workdir: Path, out: Path) -> None:
     sys.path.insert(0, str(REPO))
     from vlmbatch.engine.scorer import Scorer
     from vlmbatch.sources.images import load_resized
+    from vlmbatch.spec import SCORE_CPU_MATMUL
 
     pairs = json.loads((workdir / "pairs.json").read_text())
-    scorer = Scorer(str(workdir / "ckpt"), torch.device("cpu"), cpu_matmul="auto")
+    scorer = Scorer(str(workdir / "ckpt"), torch.device("cpu"), cpu_matmul=SCORE_CPU_MATMUL)  # as `score` does
     images = sorted({pair["image"] for pair in pairs})
     embeds = torch.cat([scorer.image_embeds([load_resized(p, scorer.image_size) for p in images[i:i + 32]])
                         for i in range(0, len(images), 32)])

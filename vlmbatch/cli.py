@@ -260,7 +260,9 @@ def score(
     overwrite: bool = typer.Option(False, "--overwrite", help="Score again the rows other SigLIP weights scored."),
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
     confine: bool = ConfineOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    cpu_matmul: str = CpuMatmulOpt, workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt,
+    cpu_matmul: str = typer.Option(_SCORE["cpu_matmul"], "--cpu-matmul", help="float32 on a CPU: torch (MKL, the "
+                                   "default: the scores of transformers to 1e-4), onednn, onednn+gelu or auto."),
+    workers: Optional[int] = WorkersOpt, flush_rows: int = FlushOpt,
     quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Score each caption of OUT against its image with SigLIP, no reference captions needed."""

@@ -49,7 +49,7 @@ from vlmbatch.sources.decode import decode_one, decode_stream, decode_with_size
 from vlmbatch.sources.open import open_source
 from vlmbatch.sources.questions import group_by_image, load_questions
 from vlmbatch.sources.records import ImageRecord, Question, Source, readable
-from vlmbatch.spec import DETECTION_TASKS, JobSpec
+from vlmbatch.spec import DETECTION_TASKS, SCORE_CPU_MATMUL, JobSpec
 
 SINGLE_QUESTION_ID = "0"
 MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
@@ -167,7 +167,8 @@ class Job:
         self.processor = Processor.from_dir(self.checkpoint.path, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
         # Scores are per row (`siglip_weights` says whose), not a setting: an output's rows may be scored later.
-        self.scorer = Scorer(spec.score_with, self.device, self.dtype, self.cpu_matmul) if spec.score_with else None
+        self.scorer = (Scorer(spec.score_with, self.device, self.dtype, SCORE_CPU_MATMUL) if spec.score_with
+                       else None)
         self.objects, self.vae_fingerprint = self._object_columns()
         self.sink = open_sink(
             spec.out, SCHEMAS[spec.task], key=KEYS[spec.task],

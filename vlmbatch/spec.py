@@ -20,6 +20,7 @@ from vlmbatch.errors import VlmbatchError
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 DEFAULT_SCORE_MODEL = "google/siglip-so400m-patch14-384"  # the SigLIP that PaliGemma's vision tower comes from
+SCORE_CPU_MATMUL = "torch"  # see ScoreSpec.cpu_matmul
 DEFAULT_CAPTION_PROMPT = "caption en"
 LANG_PROMPT = "caption {lang}"  # PaliGemma mix's multilingual captions
 DEFAULT_VQA_TEMPLATE = "answer en {question}"
@@ -311,7 +312,9 @@ class ScoreSpec:
     confine: bool = False
     device: str = "auto"
     dtype: str | None = None
-    cpu_matmul: str = "auto"
+    # MKL: a score is a number compared across runs and tools, and oneDNN's other summation order moves
+    # SigLIP's cosine by ~1e-5, which its logit scale (~118 in trained checkpoints) makes ~1e-4 of probability.
+    cpu_matmul: str = SCORE_CPU_MATMUL
     batch_size: int = 16  # images embedded together
     workers: int | None = None
     overwrite: bool = False  # rescore rows that other SigLIP weights scored (never deletes a row)
