@@ -3,8 +3,12 @@ and the alt-text flags each caption row is written with."""
 
 from __future__ import annotations
 
+import json
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import test_eval_cli
 from factory import real_photos
 from test_cli import encoded_images, invoke
 
@@ -102,3 +106,32 @@ def test_bad_language_lists_are_one_line(folder, tmp_path, ckpt):
     result = invoke("vqa", folder, "--question", "what?", "--out", tmp_path / "v.parquet", "--model", ckpt,
                     "--lang", "en", expect=2)
     assert result.exit_code == 2
+
+
+def test_a_lang_placeholder_needs_languages(folder, tmp_path, ckpt):
+    result = invoke("caption", folder, "--out", tmp_path / "x.parquet", "--model", ckpt, "--prompt", "caption {lang}",
+                    expect=2)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no lang is given" in lines[0], result.output
+
+
+coco_folder = test_eval_cli.coco_folder
+
+
+def test_eval_scores_the_english_captions_of_a_multilingual_output(coco_folder, tmp_path):
+    predictions = tmp_path / "multi.parquet"
+    rows = [{"id": str(i), "lang": lang, "caption": f"{'une photo' if lang == 'fr' else 'a photo'} number {i}",
+             "error": None} for i in range(1, 5) for lang in ("fr", "en")]
+    pq.write_table(pa.Table.from_pylist(rows), predictions)
+    scores = tmp_path / "scores.json"
+    invoke("eval", "--dataset", "coco", "--data", coco_folder, "--predictions", predictions, "--metrics", "bleu",
+           "--out", scores)
+    english = tmp_path / "en.parquet"
+    pq.write_table(pa.Table.from_pylist([r for r in rows if r["lang"] == "en"]), english)
+    invoke("eval", "--dataset", "coco", "--data", coco_folder, "--predictions", english, "--metrics", "bleu",
+           "--out", tmp_path / "en.json")
+    assert json.loads(scores.read_text())["Bleu_1"] == json.loads((tmp_path / "en.json").read_text())["Bleu_1"]
+    only_french = tmp_path / "fr.parquet"
+    pq.write_table(pa.Table.from_pylist([r for r in rows if r["lang"] == "fr"]), only_french)
+    result = invoke("eval", "--dataset", "coco", "--data", coco_folder, "--predictions", only_french, expect=2)
+    assert "the references are English" in result.output

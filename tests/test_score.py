@@ -251,3 +251,34 @@ def test_eval_reports_the_mean_score_and_clip_s_over_siglip(coco_folder, tmp_pat
                    partial)
     result = invoke("eval", "--dataset", "coco", "--data", coco_folder, "--predictions", partial, "--metrics", "bleu")
     assert "SigLIP_prob" in result.output and "SigLIP scores cover 3 of 4" in result.output
+
+
+def test_score_with_on_several_devices_equals_one_device(folder, tmp_path, ckpt, siglip):
+    one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    caption(folder, one, ckpt, "--score-with", siglip[0])
+    invoke("caption", folder, "--out", two, "--model", ckpt, "--max-new-tokens", 6, "--workers", 1, "--quiet",
+           "--devices", "cpu,cpu", "--score-with", siglip[0])
+    assert table(two).keys() == table(one).keys()
+    for key, row in table(one).items():
+        other = table(two)[key]
+        assert other["caption"] == row["caption"] and other["siglip_weights"] == row["siglip_weights"]
+        assert (other["siglip_prob"] is None) == (row["siglip_prob"] is None)
+        if row["siglip_prob"] is not None:
+            assert other["siglip_prob"] == pytest.approx(row["siglip_prob"], abs=1e-5)
+
+
+def test_a_folder_whose_oldest_file_lacks_the_score_columns_reads_them(coco_folder, tmp_path):
+    """Readers take a folder's schema from every file, not the first: a scored folder whose oldest file was
+    written before the score columns existed still shows its scores to eval (and to the report)."""
+    from vlmbatch.sinks.outputs import as_dataset
+
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["1", "2"], "caption": ["a photo", "a dog"], "error": pa.nulls(2, pa.string())}),
+                   folder / "part-a.parquet")
+    pq.write_table(pa.table({"id": ["3", "4"], "caption": ["a cat", "a car"], "error": pa.nulls(2, pa.string()),
+                             "siglip_prob": pa.array([0.5, 0.25], pa.float32()),
+                             "siglip_cos": pa.array([0.1, -0.2], pa.float32())}), folder / "part-b.parquet")
+    assert "siglip_prob" in as_dataset(folder).schema.names
+    result = invoke("eval", "--dataset", "coco", "--data", coco_folder, "--predictions", folder, "--metrics", "bleu")
+    assert "SigLIP scores cover 2 of 4" in result.output

@@ -54,8 +54,6 @@ from vlmbatch.spec import DETECTION_TASKS, SCORE_CPU_MATMUL, JobSpec
 SINGLE_QUESTION_ID = "0"
 MAX_PROMPT_TEXT_TOKENS = 256  # prompt tokens after the image tokens that the KV cache makes room for
 
-_EMBED = "_siglip_embed"  # a row's image embedding, between decoding and its caption (never written)
-
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -169,6 +167,9 @@ class Job:
         # Scores are per row (`siglip_weights` says whose), not a setting: an output's rows may be scored later.
         self.scorer = (Scorer(spec.score_with, self.device, self.dtype, SCORE_CPU_MATMUL) if spec.score_with
                        else None)
+        # Image embeddings by row key, between decoding and the caption: kept in this process, never in
+        # the work's context, which --devices pickles to the engine processes and back.
+        self._embeds: dict[tuple, torch.Tensor] = {}
         self.objects, self.vae_fingerprint = self._object_columns()
         self.sink = open_sink(
             spec.out, SCHEMAS[spec.task], key=KEYS[spec.task],
@@ -391,7 +392,7 @@ class Job:
             if sized:
                 pixels, (width, height) = pixels
                 size = {"width": width, "height": height}
-            if self.scorer:  # the image's SigLIP embedding waits in its rows for their captions
+            if self.scorer:  # the image's SigLIP embedding waits here, in this process, for its captions
                 pixels, score_pixels = pixels
                 embed = self.scorer.image_embeds([score_pixels])
             prompts, rows = [], {}
@@ -401,7 +402,9 @@ class Job:
                     errors.put({**row, "error": error, "finish_reason": "error"})
                     continue
                 prompts.append((key, ids))
-                rows[key] = {**row, _EMBED: embed} if self.scorer else row
+                rows[key] = row
+                if self.scorer:
+                    self._embeds[key] = embed
             if prompts:
                 yield ImageWork(pixels, prompts, context=rows)
 
@@ -473,7 +476,7 @@ class Job:
         """The row its image's work left for this completion, filled in (and scored, with --score-with)."""
         row = {**completion.context[completion.key], **completion.columns(self.spec.answer_column, self.processor.decode)}
         if self.scorer:
-            [(prob, cos)] = self.scorer.score(row.pop(_EMBED), [row[self.spec.answer_column]])
+            [(prob, cos)] = self.scorer.score(self._embeds.pop(completion.key), [row[self.spec.answer_column]])
             row.update(siglip_prob=prob, siglip_cos=cos, siglip_weights=self.scorer.fingerprint)
         if self.objects is not None:
             row.update(self.objects(row["text"], completion.tokens, completion.logprobs, row["width"], row["height"]))

@@ -60,7 +60,11 @@ class ScoreJob:
 
     def __init__(self, spec: ScoreSpec):
         self.spec = spec
-        header = stored_schema(spec.out)
+        try:
+            header = stored_schema(spec.out)
+        except (OSError, pa.ArrowException) as exc:
+            raise VlmbatchError(f"{spec.out} is not a readable Parquet file ({' '.join(str(exc).split())}); the "
+                                "caption job's --recover sets a damaged output aside") from None
         if header is None:
             raise VlmbatchError(f"no output at {spec.out} to score: caption the images first "
                                 f"(vlmbatch caption SOURCE --out {spec.out})")

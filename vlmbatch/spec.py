@@ -247,6 +247,9 @@ class JobSpec:
         if self.ray is not None and self.fetch_images:  # the driver's cache is no path on the workers' nodes
             raise SpecError("fetch_images is not supported with ray yet: fetch the images first, e.g. with img2dataset")
         self.worker_range  # noqa: B018  (refuses a malformed ray_workers now)
+        if self.lang is None and self.task == "caption" and "{lang}" in self.prompt:
+            raise SpecError(f"the prompt {self.prompt!r} has {{lang}} but no lang is given: add --lang en,es (lang = "
+                            '["en", "es"] in a job spec), or write the language into the prompt')
         if self.lang is not None and self.task != "caption":
             raise SpecError("lang takes caption languages: it needs the caption task")
         if self.lang is not None and "{lang}" not in self.task_prompt:

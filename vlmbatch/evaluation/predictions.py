@@ -13,6 +13,7 @@ from vlmbatch.errors import VlmbatchError
 from vlmbatch.evaluation.benchmarks import as_id, first_column, read_json
 from vlmbatch.evaluation.captions_data import CaptionSet
 from vlmbatch.evaluation.vqa_data import VqaSet
+from vlmbatch.sinks.outputs import as_dataset
 
 
 @dataclass
@@ -54,10 +55,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
     try:
-        return pq.read_table(path).to_pylist()
+        return as_dataset(path).to_table().to_pylist()
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise VlmbatchError(f"cannot read {path} as Parquet: {exc}") from None
 
@@ -120,7 +119,20 @@ def load_caption_predictions(path: str | os.PathLike, caption_set: CaptionSet) -
     path = Path(path)
     rows = _read_rows(path)
     id_column, text_column = _pick_columns(rows, path, ("image_id", "id"), ("caption", "text", "prediction"))
-    return _collect(rows, id_column, text_column, _caption_id_resolver(caption_set))
+    return _collect(_english(rows, path), id_column, text_column, _caption_id_resolver(caption_set))
+
+
+def _english(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """The rows to score against the benchmarks' English references: those of a `--lang` output whose
+    `lang` is English (or unset); every row of an output without languages."""
+    languages = {row.get("lang") for row in rows} - {None}
+    if not languages:
+        return rows
+    english = [row for row in rows if row.get("lang") in (None, "en") or str(row.get("lang")).startswith("en-")]
+    if not english:
+        raise VlmbatchError(f"{path} holds captions in {', '.join(sorted(languages))} only; the references are "
+                            "English: caption with --lang en (or include en) to score")
+    return english
 
 
 def load_vqa_predictions(path: str | os.PathLike, vqa_set: VqaSet | None = None) -> Predictions:

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.review.rules import FLAGS, MAX_CHARS, alt_text_flags
+from vlmbatch.sinks.outputs import as_dataset
 
 # What a report reads of an output; any may be absent (outputs written before a column was added).
 _COLUMNS = ("id", "caption", "answer", "question", "question_id", "lang", "mean_logprob", "min_logprob",
@@ -115,13 +116,11 @@ def read_output(out: str | os.PathLike, *, max_chars: int | None = None,
 
 def _open_dataset(out: str | os.PathLike):
     """OUT as one pyarrow dataset: a file, or a folder's data files (hidden ones, as the lock, skipped)."""
-    import pyarrow.dataset as ds
-
     path = Path(out)
     if not path.exists():
         raise VlmbatchError(f"output not found: {out}")
     try:
-        return ds.dataset(str(path), format="parquet")
+        return as_dataset(path)
     except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError: not Parquet
         raise VlmbatchError(f"cannot read {out} as Parquet: {' '.join(str(exc).split())}") from None
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlmbatch.sinks import dataset_dir, parquet_file
 from vlmbatch.sinks.dataset_dir import LOCK_NAME, ParquetDatasetSink
@@ -38,6 +39,17 @@ def stored_schema(out: str | os.PathLike) -> pa.Schema | None:
     """The schema an existing output was written with, its metadata (settings, model) included; None
     when `out` holds nothing yet."""
     return (dataset_dir if is_folder_output(out) else parquet_file).stored_schema(out)
+
+
+def as_dataset(out: str | os.PathLike):
+    """OUT (a file, or a folder's data files; hidden ones, as the lock, skipped) as one pyarrow dataset,
+    its schema every file's columns: a file written before a nullable column was added reads null
+    there, whichever file a reader would take the schema from."""
+    import pyarrow.dataset as ds
+
+    files = ds.dataset(os.fspath(out), format="parquet").files
+    schema = pa.unify_schemas([pq.read_schema(file) for file in files]) if files else None
+    return ds.dataset(os.fspath(out), format="parquet", schema=schema)
 
 
 def written_paths(out: str | os.PathLike) -> tuple[Path, ...]:
