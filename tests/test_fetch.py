@@ -344,3 +344,25 @@ def test_a_run_stopped_early_exits_without_waiting_for_the_fetches_in_flight(ser
     assert first.startswith(str(cache))  # the first image came through, into the cache the test set
     assert server.hits["/slow"] >= 1  # fetches of /slow were in flight when it stopped
     assert exited < SLOW_S / 2
+
+
+def test_an_output_of_urls_is_scored_from_the_cache_with_the_server_gone(server, cache, tmp_path, ckpt):
+    from factory import make_siglip_checkpoint
+
+    siglip = tmp_path / "siglip"
+    make_siglip_checkpoint(siglip, seed=2)
+    manifest = tmp_path / "urls.jsonl"
+    good = [server.url(f"/photo/{name}.jpg") for name in PHOTOS]
+    manifest.write_text("".join(f'{{"url": "{url}"}}\n' for url in good))
+    out = tmp_path / "caps.parquet"
+    caption_rows(manifest, "--model", ckpt, "--max-new-tokens", 4, "--workers", 0, "--quiet", "--fetch-images",
+                 "--out", out)
+    server.stop()
+    unfetched = runner.invoke(app, ["score", str(out), "--source", str(manifest), "--model", str(siglip),
+                                    "--workers", "0"])
+    assert unfetched.exit_code == 0 and "image unreadable now" in unfetched.output  # URLs are not read unasked
+    result = runner.invoke(app, ["score", str(out), "--source", str(manifest), "--model", str(siglip),
+                                 "--workers", "0", "--quiet", "--fetch-images"])
+    assert result.exit_code == 0, result.output
+    rows = {row["id"]: row for row in pq.read_table(out).to_pylist()}
+    assert set(rows) == set(good) and all(row["siglip_prob"] is not None for row in rows.values())

@@ -258,6 +258,8 @@ def score(
     model: str = typer.Option(DEFAULT_SCORE_MODEL, "--model", "-m", help="SigLIP checkpoint (folder or Hub id)."),
     batch_size: int = typer.Option(_SCORE["batch_size"], "--batch-size", "-b", help="Images embedded together."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Score again the rows other SigLIP weights scored."),
+    fetch_images: bool = typer.Option(False, "--fetch-images/--no-fetch-images", help="Images given as URLs: read "
+                                      "from the image cache the caption run filled, fetched where missing."),
     split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
     confine: bool = ConfineOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
     cpu_matmul: str = typer.Option(_SCORE["cpu_matmul"], "--cpu-matmul", help="float32 on a CPU: torch (MKL, the "
@@ -268,6 +270,7 @@ def score(
     """Score each caption of OUT against its image with SigLIP, no reference captions needed."""
     with _fatal_errors(debug):
         spec = ScoreSpec(out=out, source=source, model=model, batch_size=batch_size, overwrite=overwrite,
+                         fetch_images=fetch_images,
                          split=split, image_column=image_column, id_column=id_column, confine=confine,
                          device=device, dtype=dtype, cpu_matmul=cpu_matmul, workers=workers, flush_rows=flush_rows)
         from vlmbatch.scoring import ScoreJob

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -145,8 +145,14 @@ class ScoreJob:
                     return
 
         workers = self.spec.workers if self.spec.workers is not None else default_workers([self.device])
+        todo_items = items()
+        if self.spec.fetch_images:  # the caption run's fetches are in the cache: read from there, or fetched
+            from vlmbatch.sources.fetch import FetchSettings, fetch_stream
+
+            todo_items = ((replace(record, image=image), positions) for (record, positions), image
+                          in fetch_stream(todo_items, lambda item: item[0].image, FetchSettings()))
         batch: list[tuple[list[int], object]] = []
-        for (record, positions), pixels in decode_stream(items(), lambda item: item[0].image,
+        for (record, positions), pixels in decode_stream(todo_items, lambda item: item[0].image,
                                                           self.scorer.image_size, workers):
             summary.images += 1
             if isinstance(pixels, str):  # the image cannot be read now: its rows keep what they have

@@ -322,6 +322,7 @@ class ScoreSpec:
     workers: int | None = None
     overwrite: bool = False  # rescore rows that other SigLIP weights scored (never deletes a row)
     flush_rows: int = DEFAULT_FLUSH_ROWS
+    fetch_images: bool = False  # images given as URLs: read from the image cache, fetched where missing
 
     def __post_init__(self):
         _validate(self)
