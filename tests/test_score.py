@@ -282,3 +282,23 @@ def test_a_folder_whose_oldest_file_lacks_the_score_columns_reads_them(coco_fold
     assert "siglip_prob" in as_dataset(folder).schema.names
     result = invoke("eval", "--dataset", "coco", "--data", coco_folder, "--predictions", folder, "--metrics", "bleu")
     assert "SigLIP scores cover 2 of 4" in result.output
+
+
+def test_the_memory_check_counts_the_scorer(folder, tmp_path, ckpt, siglip, monkeypatch):
+    """Memory for the weights, the cache and the runtime, and not for SigLIP too: caption alone runs,
+    `--score-with` stops before any work, in one line."""
+    import vlmbatch.pipeline
+    from vlmbatch.model import memory
+    from vlmbatch.model.loading import load_model, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(str(ckpt))
+    weights = 4 * sum(p.numel() for p in load_model(checkpoint).parameters())
+    max_len = checkpoint.config.num_image_tokens + 1 + 256 + 6
+    cache = memory.kv_cache_bytes(checkpoint.config.text, 16, max_len, torch.float32)
+    free = weights + cache + memory.PROCESS_OVERHEAD + 1024
+    monkeypatch.setattr(vlmbatch.pipeline, "available_bytes", lambda device: free)
+    caption(folder, tmp_path / "alone.parquet", ckpt, "--cpu-matmul", "torch")
+    out = tmp_path / "scored.parquet"
+    result = invoke("caption", folder, "--out", out, "--model", ckpt, "--max-new-tokens", 6, "--quiet",
+                    "--cpu-matmul", "torch", "--score-with", siglip[0], expect=2)
+    assert " ".join(result.output.split()).startswith("error: not enough memory on cpu") and not out.exists()

@@ -158,15 +158,16 @@ class Job:
         self.checkpoint: Checkpoint = resolve_checkpoint(spec.model)
         self.config = self.checkpoint.config
         shapes = weight_shapes(self.checkpoint)  # headers only: layers the files lack stop the job here
-        if self.device.type == "cpu" and self.ray is None:  # on CUDA the engine checks its cache, once loaded
-            # Counted from the headers, before the model's structure is built for the tensor check.
-            self._check_host_memory(sum(math.prod(shape) for shape in shapes.values()))
-        check_weights(self.checkpoint, shapes)  # the weights themselves load once an image needs them
-        self.processor = Processor.from_dir(self.checkpoint.path, self.config)
-        self.fingerprint = self.checkpoint.fingerprint()
         # Scores are per row (`siglip_weights` says whose), not a setting: an output's rows may be scored later.
         self.scorer = (Scorer(spec.score_with, self.device, self.dtype, SCORE_CPU_MATMUL) if spec.score_with
                        else None)
+        if self.device.type == "cpu" and self.ray is None:  # on CUDA the engine checks its cache, once loaded
+            # Counted from the headers, before the model's structure is built for the tensor check.
+            self._check_host_memory(sum(math.prod(shape) for shape in shapes.values()),
+                                    self.scorer.parameters if self.scorer else 0)
+        check_weights(self.checkpoint, shapes)  # the weights themselves load once an image needs them
+        self.processor = Processor.from_dir(self.checkpoint.path, self.config)
+        self.fingerprint = self.checkpoint.fingerprint()
         # Image embeddings by row key, between decoding and the caption: kept in this process, never in
         # the work's context, which --devices pickles to the engine processes and back.
         self._embeds: dict[tuple, torch.Tensor] = {}
@@ -185,14 +186,15 @@ class Job:
                                 f"{Path(self.spec.out).with_suffix('')}/), not the single file {self.spec.out}")
         return ray_runner().connect(self.spec.ray)
 
-    def _check_host_memory(self, parameters: int) -> None:
-        """Stop before any work when the weights and KV cache of every CPU worker cannot fit."""
+    def _check_host_memory(self, parameters: int, scorer_parameters: int = 0) -> None:
+        """Stop before any work when the weights and KV cache of every CPU worker (and the SigLIP scorer of
+        --score-with, held by this process) cannot fit."""
         available = available_bytes(self.device)
         workers, slots = len(self.devices), self.spec.batch_size
         max_len = self.max_prompt_len + self.spec.generation.max_new_tokens
         if self.cpu_matmul != "torch" and self.config.tie_word_embeddings:
             parameters += self.config.text.vocab_size * self.config.text.hidden_size  # oneDNN's copy of the head
-        weights = parameters * self.dtype.itemsize * workers
+        weights = (parameters * workers + scorer_parameters) * self.dtype.itemsize
         cache = kv_cache_bytes(self.config.text, slots, max_len, self.dtype) * workers
         overhead = PROCESS_OVERHEAD * workers
         if available is None or weights + cache + overhead <= available:

@@ -27,7 +27,7 @@ class Scorer:
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype | None = None, cpu_matmul: str = "torch"):
         self.checkpoint = resolve_checkpoint(model)
         self.config = dual_config(self.checkpoint)  # a checkpoint that is no dual encoder stops here, in one line
-        check_weights(self.checkpoint, self.config)
+        self.parameters = check_weights(self.checkpoint, self.config)  # what its weights will take, counted
         self.inputs = SiglipInputs.from_checkpoint(self.checkpoint, self.config)
         self.fingerprint = self.checkpoint.fingerprint()
         self.device, self.dtype, self._cpu_matmul = device, dtype, cpu_matmul
