@@ -189,10 +189,17 @@ def test_a_mask_is_a_small_grayscale_png_of_the_thumbnails_size():
         is None  # an empty mask: nothing to draw
 
 
-def test_an_output_with_text_but_no_objects_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("case", ["text without objects", "max chars"])
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
     from vlmbatch.cli import app
 
-    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "x.parquet")
-    result = test_report.runner.invoke(app, ["report", str(tmp_path / "x.parquet"), "--html", str(tmp_path / "r.html")])
-    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert "caption or answer column (or text and objects)" in result.output
+    if case == "text without objects":
+        pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "x.parquet")
+        args, message = [], "caption or answer column (or text and objects)"
+    else:
+        hostile_output(tmp_path / "x.parquet")
+        args, message = ["--max-chars", "50"], "--max-chars is for captions and answers"
+    result = test_report.runner.invoke(app, ["report", str(tmp_path / "x.parquet"), "--html",
+                                             str(tmp_path / "r.html"), *args])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in result.output and not (tmp_path / "r.html").exists()

@@ -96,6 +96,8 @@ def read_output(out: str | os.PathLike, *, max_chars: int | None = None, min_con
     if "id" not in names or task is None:
         raise VlmbatchError(f"{out} is no vlmbatch output: it needs an id column and a caption or answer "
                             f"column (or text and objects); it has: {', '.join(sorted(names)) or 'none'}")
+    if task in ("detect", "segment") and max_chars is not None:
+        raise VlmbatchError(f"--max-chars is for captions and answers; {out} is a {task} output")
     recompute = "flags" not in names or max_chars is not None or min_confidence is not None
     siglip_column = next((name for name in ("siglip_prob", "siglip_cos") if name in names), None)
     latest: dict[str, dict[tuple, ReviewRow]] = {}

@@ -53,7 +53,8 @@
     if (text !== undefined && text !== null) node.textContent = text;
     return node;
   }
-  const SVG = "http://www.w3.org/2000/svg";
+  // The SVG namespace as the HTML parser gave it to the template's <svg>: the page spells out no URL.
+  const SVG = document.getElementById("svg-namespace").content.firstElementChild.namespaceURI;
   const COLOURS = 6;  // .c0 ... .c5 in the stylesheet
   function svgNode(tag, attributes, text) {
     const node = document.createElementNS(SVG, tag);
