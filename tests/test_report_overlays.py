@@ -203,3 +203,39 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
                                              str(tmp_path / "r.html"), *args])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert message in result.output and not (tmp_path / "r.html").exists()
+
+
+def segment_output(path, rows: int, side: int = 1500):
+    """`rows` segment rows of a `side` x `side` image, each with one elliptic mask (COCO RLE)."""
+    yy, xx = np.mgrid[:side, :side]
+    full = (((xx - side / 2) / (side / 3)) ** 2 + ((yy - side / 2) / (side / 4)) ** 2 < 1).astype(np.uint8)
+    counts = coco_mask.encode(np.asfortranarray(full))["counts"].decode()
+    objects = [{"label": "cat", "score": -0.1, "box": [0.0, 0.0, 1.0, 1.0], "box_normalized": [0.1, 0.2, 0.9, 0.8],
+                "seg_codes": list(range(16)), "mask": {"size": [side, side], "counts": counts}}]
+    schema = SCHEMAS["segment"]
+    table = pa.Table.from_pylist([{"id": f"{n:05d}.jpg", "text": "cat", "objects": objects, "parse_errors": 0,
+                                   "width": side, "height": side, "mean_logprob": -0.1} for n in range(rows)],
+                                 schema=schema)
+    pq.write_table(table, path)
+    return path
+
+
+def test_masks_are_kept_out_of_memory_as_rows_grow(tmp_path):
+    import tracemalloc
+
+    from vlmbatch.review.outputs import read_output
+    from vlmbatch.review.spool import Spool
+
+    peaks = {}
+    for rows in (20, 320):
+        out = segment_output(tmp_path / f"{rows}.parquet", rows)
+        with Spool() as masks:
+            tracemalloc.start()
+            data = read_output(out, masks=masks)
+            peaks[rows] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert all(isinstance(o.mask, int) for row in data.rows() for o in row.objects)  # spooled handles
+            assert masks.read(data.cards[-1].rows[0].objects[0].mask).startswith(b"\x89PNG")
+    # 300 rows more cost a few KB each (the row, its object, its card): no mask is held, neither decoded
+    # (2.25 MB each) nor as RLE, nor as the PNG the page will embed.
+    assert (peaks[320] - peaks[20]) / 300 < 4096, peaks

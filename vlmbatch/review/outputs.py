@@ -21,7 +21,7 @@ _COLUMNS = ("id", "caption", "answer", "question", "question_id", "lang", "mean_
             "flags", "error", "finish_reason", "siglip_prob", "siglip_cos",
             "text", "objects", "parse_errors", "width", "height")
 _BATCH_ROWS = 8192
-_MASK_BATCH_ROWS = 256  # a segment row carries its masks' RLE: fewer rows per batch keep batches small
+_MASK_BATCH_ROWS = 64  # a segment row carries its masks' RLE: fewer rows per batch keep batches small
 _FLAG_SETS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
