@@ -1,5 +1,6 @@
 """A job's output read for review: rows in batches (only the columns a report shows), one row per key
-(the latest), grouped into one card per image and ordered worst first."""
+(the latest), grouped into one card per image and ordered worst first. A detect or segment row also
+keeps its objects as the page draws them, its masks spooled (review.overlays)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,23 @@ from pathlib import Path
 from typing import Iterator
 
 from vlmbatch.errors import VlmbatchError
-from vlmbatch.review.rules import FLAGS, MAX_CHARS, alt_text_flags
+from vlmbatch.review.overlays import DrawnObject, drawn_objects
+from vlmbatch.review.rules import FLAGS, MAX_CHARS, OBJECT_FLAGS, alt_text_flags, object_flags
+from vlmbatch.review.spool import Spool
 from vlmbatch.sinks.outputs import as_dataset
 
 # What a report reads of an output; any may be absent (outputs written before a column was added).
 _COLUMNS = ("id", "caption", "answer", "question", "question_id", "lang", "mean_logprob", "min_logprob",
-            "flags", "error", "finish_reason", "siglip_prob", "siglip_cos")
+            "flags", "error", "finish_reason", "siglip_prob", "siglip_cos",
+            "text", "objects", "parse_errors", "width", "height")
 _BATCH_ROWS = 8192
+_MASK_BATCH_ROWS = 64  # a segment row carries its masks' RLE: fewer rows per batch keep batches small
 _FLAG_SETS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True, slots=True)
 class ReviewRow:
-    """One caption or answer as the page shows it."""
+    """One caption, answer or detect / segment answer as the page shows it."""
 
     lang: str | None
     question: str | None
@@ -33,6 +38,9 @@ class ReviewRow:
     flags: tuple[str, ...]
     error: str | None
     siglip: float | None
+    objects: tuple[DrawnObject, ...] = ()
+    parse_errors: int = 0
+    size: tuple[int, int] | None = None  # detect / segment: the original image's width and height
 
     @property
     def rank(self) -> tuple[int, float]:
@@ -59,7 +67,7 @@ class ReviewData:
 
     path: str
     cards: list[Card]
-    task: str  # "caption" or "vqa"
+    task: str  # "caption", "vqa", "detect" or "segment"
     has_confidence: bool
     has_siglip: bool
     siglip_column: str | None
@@ -70,24 +78,27 @@ class ReviewData:
             yield from card.rows
 
     def flag_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(FLAGS, 0)
+        counts = dict.fromkeys(OBJECT_FLAGS if self.task in ("detect", "segment") else FLAGS, 0)
         for row in self.rows():
             for flag in row.flags:
                 counts[flag] = counts.get(flag, 0) + 1
         return counts
 
 
-def read_output(out: str | os.PathLike, *, max_chars: int | None = None,
-                min_confidence: float | None = None) -> ReviewData:
+def read_output(out: str | os.PathLike, *, max_chars: int | None = None, min_confidence: float | None = None,
+                masks: Spool | None = None) -> ReviewData:
     """Read OUT (a Parquet file or dataset folder). Flags come from its `flags` column, or from the rules
     where a row has none (null, or no such column) or where `max_chars` / `min_confidence` are given
-    (the reviewer's own thresholds)."""
+    (the reviewer's own thresholds). A segment output's masks go to `masks` as PNGs (None: not drawn)."""
     dataset = _open_dataset(out)
     names = set(dataset.schema.names)
-    text_column = next((name for name in ("caption", "answer") if name in names), None)
-    if "id" not in names or text_column is None:
+    task = _task(dataset.schema)
+    text_column = {"caption": "caption", "vqa": "answer"}.get(task, "text")
+    if "id" not in names or task is None:
         raise VlmbatchError(f"{out} is no vlmbatch output: it needs an id column and a caption or answer "
-                            f"column; it has: {', '.join(sorted(names)) or 'none'}")
+                            f"column (or text and objects); it has: {', '.join(sorted(names)) or 'none'}")
+    if task in ("detect", "segment") and max_chars is not None:
+        raise VlmbatchError(f"--max-chars is for captions and answers; {out} is a {task} output")
     recompute = "flags" not in names or max_chars is not None or min_confidence is not None
     siglip_column = next((name for name in ("siglip_prob", "siglip_cos") if name in names), None)
     latest: dict[str, dict[tuple, ReviewRow]] = {}
@@ -95,11 +106,15 @@ def read_output(out: str | os.PathLike, *, max_chars: int | None = None,
     # engine kept log-probs): offered for sorting only where some row has a value.
     scored = confident = False
     try:
-        batches = dataset.to_batches(columns=[name for name in _COLUMNS if name in names], batch_size=_BATCH_ROWS)
+        batches = dataset.to_batches(columns=[name for name in _COLUMNS if name in names],
+                                     batch_size=_MASK_BATCH_ROWS if task == "segment" else _BATCH_ROWS)
         for batch in batches:
             for values in batch.to_pylist():
-                row = _review_row(values, text_column, siglip_column, recompute,
-                                  MAX_CHARS if max_chars is None else max_chars, min_confidence)
+                if task in ("detect", "segment"):
+                    row = _object_row(values, min_confidence, masks)
+                else:
+                    row = _review_row(values, text_column, siglip_column, recompute,
+                                      MAX_CHARS if max_chars is None else max_chars, min_confidence)
                 key = (values.get("question_id"), row.lang)
                 # The latest row of a key wins, as when the sink merges (files are read in write order).
                 latest.setdefault(str(values["id"]), {})[key] = row
@@ -109,9 +124,26 @@ def read_output(out: str | os.PathLike, *, max_chars: int | None = None,
         raise VlmbatchError(f"cannot read {out} as Parquet: {exc}") from None
     cards = sorted((Card(card_id, list(rows.values())) for card_id, rows in latest.items()), key=lambda c: c.rank)
     languages = sorted({row.lang for card in cards for row in card.rows if row.lang})
-    return ReviewData(path=os.fspath(out), cards=cards, task="caption" if text_column == "caption" else "vqa",
+    return ReviewData(path=os.fspath(out), cards=cards, task=task,
                       has_confidence=confident, has_siglip=scored,
                       siglip_column=siglip_column if scored else None, languages=languages)
+
+
+def _task(schema) -> str | None:
+    """What wrote the output, from its columns: caption, vqa, detect or segment (objects with masks)."""
+    names = set(schema.names)
+    if "caption" in names:
+        return "caption"
+    if "answer" in names:
+        return "vqa"
+    if "text" in names and "objects" in names:
+        import pyarrow as pa
+
+        kind = schema.field("objects").type
+        if not pa.types.is_list(kind) or not pa.types.is_struct(kind.value_type):
+            return None
+        return "segment" if kind.value_type.get_field_index("mask") >= 0 else "detect"
+    return None
 
 
 def _open_dataset(out: str | os.PathLike):
@@ -147,3 +179,19 @@ def _review_row(values: dict, text_column: str, siglip_column: str | None, recom
                      mean_logprob=mean_logprob, min_logprob=_number(values.get("min_logprob")),
                      flags=_FLAG_SETS.setdefault(tuple(flags), tuple(flags)), error=error,
                      siglip=_number(values.get(siglip_column)) if siglip_column else None)
+
+
+def _object_row(values: dict, min_confidence: float | None, masks: Spool | None) -> ReviewRow:
+    """A detect or segment row: its own flags (rules.object_flags; such outputs write none), objects."""
+    text, error = values.get("text"), values.get("error")
+    mean_logprob = _number(values.get("mean_logprob"))
+    parse_errors = values.get("parse_errors") or 0
+    flags = object_flags(text, error=error, truncated=values.get("finish_reason") == "length",
+                         mean_logprob=mean_logprob, parse_errors=parse_errors, min_confidence=min_confidence)
+    width, height = values.get("width"), values.get("height")
+    size = (int(width), int(height)) if width and height and width > 0 and height > 0 else None
+    return ReviewRow(lang=None, question=None, text=text, mean_logprob=mean_logprob,
+                     min_logprob=_number(values.get("min_logprob")),
+                     flags=_FLAG_SETS.setdefault(tuple(flags), tuple(flags)), error=error, siglip=None,
+                     objects=drawn_objects(values.get("objects"), masks if size else None),
+                     parse_errors=int(parse_errors), size=size)

@@ -1,6 +1,7 @@
 """`vlmbatch report`: a job's output as one self-contained HTML page to review alt text in: a summary
 (counts, flags, histograms), then every image's card with its thumbnail and each row's text,
-confidence and flags, worst first, filtered, sorted, searched and paged in the page itself."""
+confidence and flags, worst first, filtered, sorted, searched and paged in the page itself. For a
+detect or segment output, each thumbnail carries an SVG overlay of its boxes, labels and masks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from vlmbatch.review.charts import histogram
 from vlmbatch.review.outputs import Card, ReviewData, read_output
 from vlmbatch.review.page import check_writable, json_chunks, write_page
 from vlmbatch.review.rules import MAX_CHARS
+from vlmbatch.review.spool import Spool
 from vlmbatch.review.thumbnails import Thumbnails, collect_thumbnails
 from vlmbatch.sources.records import ImageRecord
 
@@ -50,16 +52,17 @@ def build_report(out: str | os.PathLike, html: str | os.PathLike, *, source: str
     html = Path(html)
     check_writable(html)
     records = _open(source) if source is not None else None  # lazy: a wrong --source is said before any work
-    data = read_output(out, max_chars=max_chars, min_confidence=min_confidence)
-    with Thumbnails(None if embed else files_folder(html)) as thumbs:
-        if records is not None:
-            collect_thumbnails(records, {card.id: number for number, card in enumerate(data.cards)}, thumbs)
-        summary = _summary(data, thumbs.count, max_chars, min_confidence)
-        meta = {"pageSize": page_size, "hasConfidence": data.has_confidence, "hasSiglip": data.has_siglip,
-                "siglipColumn": data.siglip_column}
-        write_page(html, "report.html.j2", script="report.js", files=not embed,
-                   title=f"Review of {Path(data.path).name}", subtitle=_subtitle(data, source),
-                   summary=summary, meta=meta, cards=json_chunks(_card_items(data.cards, thumbs)))
+    with Spool() as masks:
+        data = read_output(out, max_chars=max_chars, min_confidence=min_confidence, masks=masks)
+        with Thumbnails(None if embed else files_folder(html)) as thumbs:
+            if records is not None:
+                collect_thumbnails(records, {card.id: number for number, card in enumerate(data.cards)}, thumbs)
+            summary = _summary(data, thumbs.count, max_chars, min_confidence)
+            meta = {"pageSize": page_size, "hasConfidence": data.has_confidence, "hasSiglip": data.has_siglip,
+                    "siglipColumn": data.siglip_column}
+            write_page(html, "report.html.j2", script="report.js", files=not embed,
+                       title=f"Review of {Path(data.path).name}", subtitle=_subtitle(data, source),
+                       summary=summary, meta=meta, cards=json_chunks(_card_items(data.cards, thumbs, masks)))
     return ReportSummary(html=html, rows=summary["rows"], images=summary["images"], errors=summary["errors"],
                          thumbnails=thumbs.count, flags=summary["flags"])
 
@@ -74,20 +77,32 @@ def _open(source: str) -> Iterator[ImageRecord]:
         raise VlmbatchError(f"--source: {exc}") from None
 
 
-def _card_items(cards: list[Card], thumbs: Thumbnails) -> Iterator[dict]:
+def _card_items(cards: list[Card], thumbs: Thumbnails, masks: Spool) -> Iterator[dict]:
     for number, card in enumerate(cards):
-        yield {"id": card.id, "t": thumbs.url(number),
-               "r": [[row.lang, row.question, row.text, row.mean_logprob, row.min_logprob, list(row.flags),
-                      row.error, row.siglip] for row in card.rows]}
+        item = {"id": card.id, "t": thumbs.url(number),
+                "r": [[row.lang, row.question, row.text, row.mean_logprob, row.min_logprob, list(row.flags),
+                       row.error, row.siglip] for row in card.rows]}
+        drawn = next((row for row in card.rows if row.size), None)  # detect / segment: one row per image
+        if drawn is not None:
+            # "s": the original size (the overlay's viewBox), "o": [label, score, box as fractions, mask].
+            item["s"] = list(drawn.size)
+            item["o"] = [[o.label, o.score, [round(v, 5) for v in o.box],
+                          None if o.mask is None else masks.data_uri(o.mask, "image/png")] for o in drawn.objects]
+            item["pe"] = drawn.parse_errors
+        yield item
 
 
 def _subtitle(data: ReviewData, source: str | None) -> str:
-    kind = "captions" if data.task == "caption" else "answers"
+    kind = {"caption": "captions", "vqa": "answers", "detect": "detections", "segment": "segmentations"}[data.task]
     return f"{kind} from {data.path}" + (f", images from {source}" if source else ", no --source: no images")
 
 
 def _summary(data: ReviewData, thumbnails: int, max_chars: int | None, min_confidence: float | None) -> dict:
-    lengths = [float(len(row.text.strip())) for row in data.rows() if row.text is not None and not row.error]
+    objects = data.task in ("detect", "segment")
+    if objects:
+        lengths = [float(len(row.objects)) for row in data.rows() if not row.error]
+    else:
+        lengths = [float(len(row.text.strip())) for row in data.rows() if row.text is not None and not row.error]
     confidences = [row.mean_logprob for row in data.rows() if row.mean_logprob is not None]
     rows = sum(len(card.rows) for card in data.cards)
     if max_chars is None and min_confidence is None:
@@ -100,5 +115,6 @@ def _summary(data: ReviewData, thumbnails: int, max_chars: int | None, min_confi
             "thumbnails": thumbnails, "flags": data.flag_counts(), "languages": data.languages,
             "has_confidence": data.has_confidence, "has_siglip": data.has_siglip,
             "siglip_column": data.siglip_column, "settings": settings,
-            "lengths": histogram("text length (characters)", lengths),
+            "objects": sum(len(row.objects) for row in data.rows()) if objects else None,
+            "lengths": histogram("objects per image" if objects else "text length (characters)", lengths),
             "confidence": histogram("confidence (mean log-prob per token)", confidences, digits=2)}

@@ -85,3 +85,21 @@ def alt_text_flags(text: str | None, *, error: str | None = None, truncated: boo
     if stripped and has_redundant_prefix(stripped, lang):
         found.add("redundant_prefix")
     return [flag for flag in FLAGS if flag in found]
+
+
+# detect / segment rows: their text is `<loc>` tokens, not alt text; what makes one doubtful differs.
+OBJECT_FLAGS = ("error", "empty", "truncated", "low_confidence", "parse_errors")
+
+
+def object_flags(text: str | None, *, error: str | None = None, truncated: bool = False,
+                 mean_logprob: float | None = None, parse_errors: int | None = None,
+                 min_confidence: float | None = None) -> list[str]:
+    """The flags of one detect or segment row, in `OBJECT_FLAGS` order: `empty` for no answer at all,
+    `parse_errors` where some object of the answer was malformed (and dropped)."""
+    if error:
+        return ["error"]
+    found = set(alt_text_flags(text, truncated=truncated, mean_logprob=mean_logprob,
+                               min_confidence=min_confidence)) & set(OBJECT_FLAGS)
+    if parse_errors:
+        found.add("parse_errors")
+    return [flag for flag in OBJECT_FLAGS if flag in found]

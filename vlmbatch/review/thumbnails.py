@@ -3,14 +3,12 @@ files beside the page, or to a spool file the page embeds from), so memory stays
 
 from __future__ import annotations
 
-import base64
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from vlmbatch.errors import ImageDecodeError
+from vlmbatch.review.spool import Spool
 from vlmbatch.sinks.atomic import output_errors
 from vlmbatch.sources.images import load_image
 from vlmbatch.sources.records import ImageRecord, ImageRef
@@ -37,8 +35,8 @@ class Thumbnails:
 
     def __init__(self, files_dir: Path | None) -> None:
         self.files_dir = files_dir
-        self._spool = None if files_dir else tempfile.TemporaryFile()
-        self._spans: dict[int, tuple[int, int]] = {}
+        self._spool = None if files_dir else Spool()
+        self._handles: dict[int, int | None] = {}  # card number -> spool handle (None: a file)
         if files_dir is not None:
             with output_errors(files_dir):
                 files_dir.mkdir(parents=True, exist_ok=True)
@@ -47,25 +45,21 @@ class Thumbnails:
         if self._spool is None:
             with output_errors(self.files_dir):
                 (self.files_dir / f"{number}.jpg").write_bytes(jpeg)
-            self._spans[number] = (0, 0)
+            self._handles[number] = None
         else:
-            self._spool.seek(0, os.SEEK_END)
-            self._spans[number] = (self._spool.tell(), len(jpeg))
-            self._spool.write(jpeg)
+            self._handles[number] = self._spool.add(jpeg)
 
     @property
     def count(self) -> int:
-        return len(self._spans)
+        return len(self._handles)
 
     def url(self, number: int) -> str | None:
         """What an <img> shows for card `number`: a data: URI or a path relative to the page; None if none."""
-        if number not in self._spans:
+        if number not in self._handles:
             return None
         if self._spool is None:
             return f"{self.files_dir.name}/{number}.jpg"
-        offset, size = self._spans[number]
-        self._spool.seek(offset)
-        return "data:image/jpeg;base64," + base64.b64encode(self._spool.read(size)).decode("ascii")
+        return self._spool.data_uri(self._handles[number], "image/jpeg")
 
     def close(self) -> None:
         if self._spool is not None:
