@@ -119,6 +119,46 @@ def test_min_confidence_reflags_and_the_flags_column_is_used_as_written(tmp_path
     assert card_ids((tmp_path / "redone.html").read_text())[:2] == ["broken.jpg", "unsure.jpg"]
 
 
+def test_max_chars_alone_keeps_the_jobs_low_confidence_flags(tmp_path):
+    """A reviewer's --max-chars re-judges the length; the job's confidence threshold stays as it flagged."""
+    rows = [caption_row("unsure.jpg", "a cat", mean=-3.0, flags=["low_confidence"]),
+            caption_row("sure.jpg", "a cat sitting on a red chair", mean=-0.1, flags=[])]
+    out = write_output(tmp_path / "alt.parquet", rows)
+    redone = build_report(out, tmp_path / "redone.html", max_chars=10)
+    assert redone.flags["low_confidence"] == 1 and redone.flags["too_long"] == 1
+    assert build_report(out, tmp_path / "strict.html", min_confidence=-0.05).flags["low_confidence"] == 2
+
+
+def test_thumbnails_beside_a_page_whose_name_needs_escaping(mixed, tmp_path):
+    out, images = mixed
+    build_report(out, tmp_path / "run#3.html", source=str(images), embed=False)
+    urls = [card["t"] for card in data_cards((tmp_path / "run#3.html").read_text()) if card["t"]]
+    assert urls and all(url.startswith("run%233_files/") for url in urls)  # not a fragment of the page's URL
+    assert all((tmp_path / "run#3_files" / url.split("/")[-1]).is_file() for url in urls)
+
+
+def test_source_is_opened_as_the_job_opened_it(tmp_path):
+    """A dataset captioned with --id-column: the report finds its images with the same option."""
+    import datasets
+
+    photos = list(real_photos().values())[:3]
+    buffers = []
+    for photo in photos:
+        data = io.BytesIO()
+        photo.convert("RGB").save(data, "JPEG")
+        buffers.append({"bytes": data.getvalue(), "path": None})
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"uid": ["u0", "u1", "u2"], "image": buffers}).cast_column(
+        "image", datasets.Image()).save_to_disk(saved)
+    out = write_output(tmp_path / "alt.parquet", [caption_row(f"u{i}", "a photo") for i in range(3)])
+    assert build_report(out, tmp_path / "plain.html", source=str(saved)).thumbnails == 0
+    matched = build_report(out, tmp_path / "ids.html", source=str(saved), source_options={"id_column": "uid"})
+    assert matched.thumbnails == 3
+    result = runner.invoke(app, ["report", str(out), "--html", str(tmp_path / "cli.html"), "--source", str(saved),
+                                 "--id-column", "uid", "--quiet"])
+    assert result.exit_code == 0 and "no image" not in result.output
+
+
 def test_several_languages_of_an_image_are_one_card(tmp_path):
     rows = [caption_row("dog.jpg", "A dog", lang="en", mean=-0.2), caption_row("dog.jpg", "Un perro", lang="es"),
             caption_row("dog.jpg", "Une photo de chien", lang="fr", mean=-0.4), caption_row("cat.jpg", "A cat")]

@@ -438,14 +438,16 @@ def report(
     page_size: int = typer.Option(500, "--page-size", help="Images shown per page."),
     embed: bool = typer.Option(True, "--embed/--no-embed", help="Thumbnails inside the page (one file), or as "
                                "files in NAME_files/ beside it."),
-    quiet: bool = QuietOpt, debug: bool = DebugOpt,
+    split: Optional[str] = SplitOpt, image_column: Optional[str] = ImageColOpt, id_column: Optional[str] = IdColOpt,
+    confine: bool = ConfineOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Write an HTML page to review OUT's alt text in: thumbnails, texts, confidence and flags, worst first."""
     from vlmbatch.review.report import build_report
 
     with _fatal_errors(debug):
+        options = {"split": split, "image_column": image_column, "id_column": id_column, "confine": confine}
         done = build_report(out, html, source=source, max_chars=max_chars, min_confidence=min_confidence,
-                            page_size=page_size, embed=embed)
+                            page_size=page_size, embed=embed, source_options=options)
         if not quiet:
             flagged = ", ".join(f"{name} {count}" for name, count in done.flags.items() if count) or "no flags"
             console.print(f"report {done.html}: {done.rows} rows, {done.images} images "

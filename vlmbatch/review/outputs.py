@@ -171,6 +171,9 @@ def _review_row(values: dict, text_column: str, siglip_column: str | None, recom
         flags = alt_text_flags(text, error=error, truncated=values.get("finish_reason") == "length",
                                mean_logprob=mean_logprob, lang=values.get("lang"), max_chars=max_chars,
                                min_confidence=min_confidence)
+        if min_confidence is None and written and "low_confidence" in written and "low_confidence" not in flags:
+            # --max-chars alone re-judges the length, not the job's confidence threshold
+            flags = [flag for flag in FLAGS if flag in {*flags, "low_confidence"}]
     else:
         flags = [flag for flag in written if flag]
     lang = values.get("lang")

@@ -41,9 +41,11 @@ def files_folder(html: Path) -> Path:
 
 def build_report(out: str | os.PathLike, html: str | os.PathLike, *, source: str | None = None,
                  max_chars: int | None = None, min_confidence: float | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE, embed: bool = True) -> ReportSummary:
+                 page_size: int = DEFAULT_PAGE_SIZE, embed: bool = True,
+                 source_options: dict | None = None) -> ReportSummary:
     """Write the review page of output `out` to `html`; see the module docstring. `source` is what the
-    job read (its images become thumbnails, matched by id); `max_chars` / `min_confidence` re-flag the
+    job read (its images become thumbnails, matched by id), opened with the job's `source_options`
+    (`split`, `image_column`, `id_column`, as `open_source` takes them); `max_chars` / `min_confidence` re-flag the
     rows with the reviewer's thresholds instead of the `flags` the job wrote."""
     if page_size < 1:
         raise VlmbatchError(f"--page-size must be at least 1, not {page_size}")
@@ -51,7 +53,8 @@ def build_report(out: str | os.PathLike, html: str | os.PathLike, *, source: str
         raise VlmbatchError(f"--max-chars must be at least 1, not {max_chars}")
     html = Path(html)
     check_writable(html)
-    records = _open(source) if source is not None else None  # lazy: a wrong --source is said before any work
+    # Lazy: a wrong --source is said before any work.
+    records = _open(source, source_options) if source is not None else None
     with Spool() as masks:
         data = read_output(out, max_chars=max_chars, min_confidence=min_confidence, masks=masks)
         with Thumbnails(None if embed else files_folder(html)) as thumbs:
@@ -67,12 +70,12 @@ def build_report(out: str | os.PathLike, html: str | os.PathLike, *, source: str
                          thumbnails=thumbs.count, flags=summary["flags"])
 
 
-def _open(source: str) -> Iterator[ImageRecord]:
+def _open(source: str, options: dict | None) -> Iterator[ImageRecord]:
     """The records of --source, opened as a job opens its SOURCE (so ids match the rows')."""
     from vlmbatch.sources.open import open_source
 
     try:
-        return iter(open_source(source))
+        return iter(open_source(source, **(options or {})))
     except VlmbatchError as exc:
         raise VlmbatchError(f"--source: {exc}") from None
 

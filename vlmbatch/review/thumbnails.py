@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from typing import Iterable, Mapping
+from urllib.parse import quote
 
 from vlmbatch.errors import ImageDecodeError
 from vlmbatch.review.spool import Spool
@@ -58,7 +59,7 @@ class Thumbnails:
         if number not in self._handles:
             return None
         if self._spool is None:
-            return f"{self.files_dir.name}/{number}.jpg"
+            return f"{quote(self.files_dir.name)}/{number}.jpg"  # a page named "run#3.html" is no fragment
         return self._spool.data_uri(self._handles[number], "image/jpeg")
 
     def close(self) -> None:
