@@ -269,7 +269,6 @@ def test_job_spec_runs_detect(folder, tmp_path, detector):
     (("detect", "--objects", " ; "), "detect needs the objects to find"),
     (("segment", "--objects", "cat", "--vae", "VAE"), "cannot read VAE weights"),
     (("segment", "--objects", "cat", "--vae", "missing.npz"), "VAE weights not found"),
-    (("detect", "--objects", "cat", "--ray", "auto"), "detect does not run on Ray yet"),
 ])
 def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, detector, args, message):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")

@@ -283,3 +283,33 @@ def test_a_worker_that_fails_is_one_line_naming_why(ray_address):
     with pytest.raises(VlmbatchError) as failed:
         list(run_on_ray([(b"not an image", [("k", "caption en", {}, None)])], worker, (1, 1), _FailingActor))
     assert str(failed.value) == "the Ray job failed: the weights on this node are not the driver's"
+
+
+def test_detect_and_segment_rows_equal_a_local_run(ray_address, tmp_path):
+    """Boxes in the original pixels and masks from the driver's VAE, as a local run gives them."""
+    from factory import distinct_photos, make_scripted_checkpoint
+    from test_detect import SEGMENT_SCRIPT, write_random_vae
+
+    model = make_scripted_checkpoint(tmp_path / "segmenter", SEGMENT_SCRIPT).path
+    vae = write_random_vae(tmp_path / "vae-oid.npz")
+    images = tmp_path / "images"
+    images.mkdir()
+    for (width, height), photo in zip([(64, 40), (30, 90), (48, 48)], distinct_photos(3)):
+        photo.convert("RGB").resize((width, height)).save(images / f"{width}x{height}.png")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    common = ["--model", model, "--max-new-tokens", 64, "--batch-size", 2, "--cpu-matmul", "torch", "--quiet",
+              "--objects", "cat", "--vae", vae]
+    invoke("segment", images, "--out", tmp_path / "local.parquet", "--workers", 0, *common)
+    invoke("segment", images, "--out", tmp_path / "cluster", "--ray", "auto", "--ray-workers", 2, *common)
+    local, cluster = table(tmp_path / "local.parquet"), table(tmp_path / "cluster")
+    assert [row["id"] for row in cluster] == [row["id"] for row in local] and len(cluster) == 4
+    for got, expected in zip(cluster, local):
+        assert {k: v for k, v in got.items() if k not in ("objects", "mean_logprob", "min_logprob")} == \
+            {k: v for k, v in expected.items() if k not in ("objects", "mean_logprob", "min_logprob")}
+        if expected["objects"] is None:
+            assert got["objects"] is None and got["error"]
+            continue
+        for mine, theirs in zip(got["objects"], expected["objects"], strict=True):
+            assert {k: v for k, v in mine.items() if k != "score"} == {k: v for k, v in theirs.items() if k != "score"}
+            assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
+    assert all(row["objects"][0]["mask"] is not None for row in cluster if row["error"] is None)

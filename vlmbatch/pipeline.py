@@ -445,14 +445,19 @@ class Job:
         worker = WorkerSpec(self.checkpoint, self.dtype, spec.generation, spec.batch_size, self.max_prompt_len,
                             cpu_threads=threads, cpu_matmul=self.cpu_matmul, cuda_graph=spec.cuda_graph)
         cluster = runner.ClusterWorker(worker, spec.model, self.fingerprint, spec.answer_column,
-                                       self.config.vision.image_size, self.gpus_per_worker)
+                                       self.config.vision.image_size, self.gpus_per_worker,
+                                       sized=self.objects is not None)
         # Prompts travel as text (each worker tokenizes them again): a to-do list of token ids would be
         # 256 image tokens per prompt.
         todo = ((item.record.image, [(key, prompt, row, error) for key, prompt, _, row, error in self._engine_prompts(item)])
                 for item in self.items(done, summary, failed))
         for rows in runner.run_on_ray(todo, cluster, (fewest, most)):
             summary.images += 1
-            yield from rows
+            for row in rows:
+                if runner.TOKENS in row:  # detect / segment: the objects are read here, as locally
+                    tokens, logprobs = row.pop(runner.TOKENS)
+                    row.update(self.objects(row["text"], tokens, logprobs, row["width"], row["height"]))
+                yield row
 
     @property
     def decode_workers(self) -> int:

@@ -268,8 +268,6 @@ class JobSpec:
             raise SpecError(f'{self.task} needs the objects to find: --objects "cat ; dog"')
         if self.vae is not None and self.task != "segment":
             raise SpecError("vae is for segment only (detect gives boxes, no masks)")
-        if self.ray is not None:
-            raise SpecError(f"{self.task} does not run on Ray yet: leave out ray (--ray)")
 
     @property
     def object_names(self) -> list[str]:

@@ -34,6 +34,7 @@ from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.processor import Processor
 from vlmbatch.sources.records import ImageRef
 
+TOKENS = "_tokens"  # a detect / segment row's (tokens, log-probs), for the driver; never written
 SHARD_IMAGES = 32  # to-do images per shard: one decode task each
 IMAGES_PER_SLOT = 4  # images handed to an actor per batch, per KV-cache slot (its engine's tail is short beside it)
 CONNECT_TIMEOUT_S = 10.0  # how long an address may take to answer before the run is refused
@@ -55,6 +56,9 @@ class ClusterWorker:
     answer_column: str
     image_size: int
     gpus: float  # per actor; 0: a CPU worker of `worker.cpu_threads` torch threads
+    # detect / segment: rows carry each image's (width, height) and, under TOKENS, each completion's
+    # tokens and log-probs, from which the driver reads the objects (it holds the mask VAE).
+    sized: bool = False
 
 
 def import_ray():
@@ -140,7 +144,7 @@ def run_on_ray(todo: Iterable[Todo], worker: ClusterWorker, workers: tuple[int, 
     # Ray Data's actors default to max_restarts=-1 and max_task_retries=-1: a killed actor (node lost,
     # OOM) is started again and the batch it held is retried on the pool.
     dataset = (ray.data.from_items(shards, override_num_blocks=len(shards))
-               .flat_map(decode_shard, fn_kwargs={"size": worker.image_size}, num_cpus=1)
+               .flat_map(decode_shard, fn_kwargs={"size": worker.image_size, "sized": worker.sized}, num_cpus=1)
                .map_batches(actor or _EngineActor, fn_constructor_args=(worker,), batch_format="numpy",
                             batch_size=IMAGES_PER_SLOT * worker.worker.max_slots,
                             compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most),
@@ -201,6 +205,7 @@ class _EngineActor:
                              max_prompt_len=worker.max_prompt_len, cuda_graph=worker.cuda_graph)
         self.processor = Processor.from_dir(checkpoint.path, checkpoint.config)
         self.answer_column = spec.answer_column
+        self.sized = spec.sized
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         images: list[list[dict]] = []
@@ -212,6 +217,10 @@ class _EngineActor:
             if isinstance(pixels, str):  # not decoded: every prompt's row is an error row
                 rows.extend(_error_row(row, pixels) for _, _, row, _ in prompts)
                 continue
+            if self.sized:
+                pixels, (width, height) = pixels
+                prompts = [(key, prompt, {**row, "width": width, "height": height}, error)
+                           for key, prompt, row, error in prompts]
             rows.extend(_error_row(row, error) for _, _, row, error in prompts if error is not None)
             todo = [(key, self.processor.prompt_ids(prompt)) for key, prompt, _, error in prompts if error is None]
             if todo:
@@ -220,6 +229,8 @@ class _EngineActor:
         for completion in self.engine.run(work):
             rows, made = completion.context
             rows.append({**made[completion.key], **completion.columns(self.answer_column, self.processor.decode)})
+            if self.sized:
+                rows[-1][TOKENS] = (completion.tokens, completion.logprobs)
         return {"rows": [pickle.dumps(rows) for rows in images]}
 
 
