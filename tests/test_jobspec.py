@@ -85,6 +85,14 @@ def test_spec_errors_are_clear(tmp_path):
         load_job_spec(spec)
     with pytest.raises(VlmbatchError, match="not found"):
         load_job_spec(tmp_path / "none.toml")
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nlang = ["en", "es"]\nmin_confidence = -1.5\n')
+    loaded = load_job_spec(spec, {"max_chars": "100"})
+    assert (loaded.lang, loaded.task_prompt, loaded.max_chars, loaded.min_confidence) == (
+        ("en", "es"), "caption {lang}", 100, -1.5)
+    assert load_job_spec(spec, {"lang": "de,fr"}).lang == ("de", "fr")  # --set lang=de,fr
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nlang = ["en", 3]\n')
+    with pytest.raises(VlmbatchError, match="lang must be distinct language codes"):
+        load_job_spec(spec)
     spec.write_text('task = "vqa"\nsource = "x"\nout = "y.parquet"\nquestion = "what?"\nscore_with = "s"\n')
     with pytest.raises(VlmbatchError, match="score_with scores captions"):
         load_job_spec(spec)
