@@ -35,17 +35,13 @@ class TokenSelector:
         self._seed = _signed(seed & _MASK64)
         self._mixed_seed: torch.Tensor | None = None  # made on the logits' device at the first draw
 
-    def __call__(self, logits: torch.Tensor, streams: torch.Tensor | None = None,
-                 steps: torch.Tensor | None = None) -> torch.Tensor:
-        """The next token of each row of `logits` [B, V]; sampling needs each row's `streams` and
-        `steps` ([B] int64: its request's `stream_id` and how many tokens it has generated)."""
-        return self.pick(logits, streams, steps)[0]
-
     def pick(self, logits: torch.Tensor, streams: torch.Tensor | None = None,
              steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(next token, its natural log-probability) of each row: under the distribution the token was
-        chosen from, as transformers' `compute_transition_scores(..., normalize_logits=True)` gives it
-        (greedy: softmax of the logits; sampling: of the tempered, top-p filtered logits)."""
+        """(next token, its natural log-probability) of each row of `logits` [B, V]; sampling needs each
+        row's `streams` and `steps` ([B] int64: its request's `stream_id` and how many tokens it has
+        generated). The log-probability is under the distribution the token was chosen from, as
+        transformers' `compute_transition_scores(..., normalize_logits=True)` gives it (greedy: softmax of
+        the logits; sampling: of the tempered, top-p filtered logits)."""
         logits = logits.float()
         if not self.settings.sampling:
             tokens = logits.argmax(dim=-1)

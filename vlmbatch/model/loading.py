@@ -61,13 +61,18 @@ class Checkpoint:
 
     @cached_property  # read once: the job, the loader and the processor all ask for it
     def config(self) -> PaliGemmaConfig:
+        return self.read_config(PaliGemmaConfig, "cannot read config.json: ")
+
+    def read_config(self, kind: type, prefix: str = ""):
+        """config.json as `kind` (a config class with `from_json_file`); a missing or invalid file is one
+        line naming the checkpoint, then `prefix` and what is wrong."""
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise VlmbatchError(f"{self.name}: no config.json in {self.path}")
         try:
-            return PaliGemmaConfig.from_json_file(config_file)
+            return kind.from_json_file(config_file)
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise VlmbatchError(f"{self.name}: cannot read config.json: {exc}") from None
+            raise VlmbatchError(f"{self.name}: {prefix}{exc}") from None
 
     def weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"

@@ -9,7 +9,6 @@ built, so a PaliGemma checkpoint or a vision-only one is refused in one line say
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -33,13 +32,7 @@ _UNUSED_SUFFIXES = ("position_ids",)  # buffers older exports saved; the model i
 
 
 def dual_config(checkpoint: Checkpoint) -> SiglipDualConfig:
-    file = checkpoint.path / "config.json"
-    if not file.is_file():
-        raise VlmbatchError(f"{checkpoint.name}: no config.json in {checkpoint.path}")
-    try:
-        return SiglipDualConfig.from_json_file(file)
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise VlmbatchError(f"{checkpoint.name}: {exc}") from None
+    return checkpoint.read_config(SiglipDualConfig)
 
 
 def weight_shapes(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:

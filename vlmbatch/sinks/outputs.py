@@ -47,9 +47,10 @@ def as_dataset(out: str | os.PathLike):
     there, whichever file a reader would take the schema from."""
     import pyarrow.dataset as ds
 
-    files = ds.dataset(os.fspath(out), format="parquet").files
-    schema = pa.unify_schemas([pq.read_schema(file) for file in files]) if files else None
-    return ds.dataset(os.fspath(out), format="parquet", schema=schema)
+    found = ds.dataset(os.fspath(out), format="parquet")
+    if not found.files:
+        return found
+    return ds.dataset(found.files, format="parquet", schema=pa.unify_schemas([pq.read_schema(file) for file in found.files]))
 
 
 def written_paths(out: str | os.PathLike) -> tuple[Path, ...]:
