@@ -91,6 +91,13 @@ def ckpt_pg2(make_ckpt) -> factory.Ckpt:
 
 
 @pytest.fixture(scope="session")
+def ckpt(make_ckpt) -> Path:
+    """The end-to-end tests' checkpoint: PaliGemma 1, hub layout, 28 px (4 image tokens), <eos> boosted so
+    that captions end at varied lengths."""
+    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict:
     """``factory.real_photos()`` (fresh copies are cheap; don't mutate these)."""
     return factory.real_photos()

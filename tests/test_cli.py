@@ -17,6 +17,7 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runner import invoke
 from factory import broken_images, drop_tensor, photo_variants, real_photos
 from typer.testing import CliRunner
 
@@ -32,11 +33,6 @@ from vlmbatch.spec import GenerationSettings
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
-
-
 @pytest.fixture()
 def folder(tmp_path):
     root = tmp_path / "images"
@@ -45,12 +41,6 @@ def folder(tmp_path):
         sub = ["", "nested/", "nested/deeper/"][i % 3]
         image.convert("RGB").save(root / f"{sub}{name}.jpg")
     return root
-
-
-def invoke(*args, expect=0):
-    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
 
 
 def caption(folder, out, ckpt, *extra, expect=0):

@@ -9,21 +9,27 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runner import invoke
 from factory import distinct_photos, make_scripted_checkpoint
 from PIL import Image
 from pycocotools import mask as coco_mask
+from test_cli import encoded_images
+from test_vae import write_random_vae
 from tokenizers import Tokenizer
 
 from vlmbatch.detection.objects import ObjectColumns, paste_mask
-from vlmbatch.detection.parse import LOC_DIVISOR, ParsedObject, loc_tokens, parse_objects
+from vlmbatch.detection.parse import (
+    LOC_DIVISOR,
+    ParsedObject,
+    loc_tokens,
+    parse_objects,
+)
 from vlmbatch.detection.vae import load_vae
 from vlmbatch.engine.scheduler import Engine, ImageWork
 from vlmbatch.model.loading import load_model, resolve_checkpoint
 from vlmbatch.model.processor import Processor
 from vlmbatch.sources.images import resize_square
 from vlmbatch.spec import GenerationSettings
-from test_cli import encoded_images, invoke
-from test_vae import write_random_vae
 
 SIZES = {"wide": (64, 40), "tall": (30, 90)}  # original images, neither square nor the model's size
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import test_eval_data
 import test_fetch
+from cli_runner import invoke
 from factory import real_photos
 from typer.testing import CliRunner
 
@@ -19,17 +20,6 @@ from vlmbatch.cli import app
 
 runner = CliRunner()
 vqa_folder = test_eval_data.vqa_folder
-
-
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
-
-
-def invoke(*args):
-    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture()

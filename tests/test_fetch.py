@@ -249,11 +249,6 @@ def test_a_manifest_url_column_is_read_as_urls(tmp_path):
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
-
-
 def caption_rows(*args) -> dict[str, dict]:
     result = runner.invoke(app, ["caption", *map(str, args)], catch_exceptions=False)
     assert result.exit_code == 0, result.output

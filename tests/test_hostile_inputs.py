@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from cli_runner import invoke
 from factory import real_photos
-from typer.testing import CliRunner
 
-from vlmbatch.cli import app
 from vlmbatch.errors import ImageDecodeError, VlmbatchWarning
 from vlmbatch.jobspec import load_job_spec
 from vlmbatch.sinks.parquet_file import output_files
@@ -28,25 +27,13 @@ from vlmbatch.sources.images import load_image
 from vlmbatch.sources.open import open_source
 from vlmbatch.sources.records import ImageRecord
 
-runner = CliRunner()
 NOT_UTF8 = b"x\xe9.jpg"  # Latin-1 'xé.jpg', as old Samba shares and zip extracts leave it
-
-
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
 
 
 def photo(path: Path, index: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     list(real_photos().values())[index].convert("RGB").save(path, format="JPEG")
     return path
-
-
-def invoke(*args, expect=0):
-    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
 
 
 def caption(source, out, ckpt, *extra, expect=0):

@@ -75,6 +75,18 @@ def test_generation_settings_are_set_at_either_level_and_overridden_by_either_na
         load_job_spec(spec, {"generation.beams": 2})
 
 
+def test_languages_and_alt_text_thresholds_are_keys_like_any_other(tmp_path):
+    spec = tmp_path / "alt.toml"
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nlang = ["en", "es"]\nmin_confidence = -1.5\n')
+    loaded = load_job_spec(spec, {"max_chars": "100"})
+    assert (loaded.lang, loaded.task_prompt, loaded.max_chars, loaded.min_confidence) == (
+        ("en", "es"), "caption {lang}", 100, -1.5)
+    assert load_job_spec(spec, {"lang": "de,fr"}).lang == ("de", "fr")  # --set lang=de,fr
+    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nlang = ["en", 3]\n')
+    with pytest.raises(VlmbatchError, match="lang must be distinct language codes"):
+        load_job_spec(spec)
+
+
 def test_spec_errors_are_clear(tmp_path):
     spec = tmp_path / "bad.toml"
     spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\ncolour = "blue"\n[generation]\nbeams = 2\n')
@@ -85,14 +97,6 @@ def test_spec_errors_are_clear(tmp_path):
         load_job_spec(spec)
     with pytest.raises(VlmbatchError, match="not found"):
         load_job_spec(tmp_path / "none.toml")
-    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nlang = ["en", "es"]\nmin_confidence = -1.5\n')
-    loaded = load_job_spec(spec, {"max_chars": "100"})
-    assert (loaded.lang, loaded.task_prompt, loaded.max_chars, loaded.min_confidence) == (
-        ("en", "es"), "caption {lang}", 100, -1.5)
-    assert load_job_spec(spec, {"lang": "de,fr"}).lang == ("de", "fr")  # --set lang=de,fr
-    spec.write_text('task = "caption"\nsource = "x"\nout = "y.parquet"\nlang = ["en", 3]\n')
-    with pytest.raises(VlmbatchError, match="lang must be distinct language codes"):
-        load_job_spec(spec)
     spec.write_text('task = "vqa"\nsource = "x"\nout = "y.parquet"\nquestion = "what?"\nscore_with = "s"\n')
     with pytest.raises(VlmbatchError, match="score_with scores captions"):
         load_job_spec(spec)

@@ -9,15 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import test_eval_cli
+from cli_runner import invoke
 from factory import real_photos
-from test_cli import encoded_images, invoke
+from test_cli import encoded_images
 
 from vlmbatch.review.rules import alt_text_flags
-
-
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
 
 
 @pytest.fixture()

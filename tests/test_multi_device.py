@@ -12,11 +12,6 @@ from vlmbatch.pipeline import Job, JobSpec, resolve_devices, run_job
 from vlmbatch.spec import GenerationSettings
 
 
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
-
-
 def spec(source, out, ckpt, **kw) -> JobSpec:
     return JobSpec(task="caption", source=str(source), out=out, model=str(ckpt), workers=0,
                    generation=GenerationSettings(max_new_tokens=8), batch_size=2, **kw)

@@ -91,11 +91,6 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
-
-
 @pytest.fixture()
 def folder(tmp_path) -> Path:
     root = tmp_path / "images"

@@ -18,17 +18,15 @@ import datasets
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from cli_runner import invoke
 from factory import real_photos
-from typer.testing import CliRunner
 
-from vlmbatch.cli import app
 from vlmbatch.errors import VlmbatchError
 from vlmbatch.jobspec import load_job_spec
 from vlmbatch.pipeline import Job
 from vlmbatch.spec import GenerationSettings, JobSpec, SpecError
 
 ray = pytest.importorskip("ray")
-runner = CliRunner()
 ENGINE_ACTOR = b"ray::MapWorker(MapBatches(_EngineActor))"
 
 
@@ -38,11 +36,6 @@ def ray_address():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
 
 
 def make_folder(root: Path, count: int, start: int = 0) -> Path:
@@ -58,12 +51,6 @@ def folder(tmp_path):
     root = make_folder(tmp_path / "images", 9)
     (root / "broken.jpg").write_bytes(b"not a jpeg at all")
     return root
-
-
-def invoke(*args, expect=0):
-    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
 
 
 def run(task, source, out, ckpt, *extra, ray_run=False, expect=0):

@@ -13,20 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import test_eval_cli
 import torch
+from cli_runner import invoke
 from factory import make_siglip_checkpoint, real_photos
-from typer.testing import CliRunner
 
-from vlmbatch.cli import app
 from vlmbatch.scoring import ScoreJob
 from vlmbatch.sources.images import load_image
 from vlmbatch.spec import ScoreSpec
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +43,6 @@ def folder(tmp_path):
         image.convert("RGB").save(root / f"{'sub/' if i % 2 else ''}{name}.jpg")
     (root / "broken.jpg").write_bytes(b"not an image")
     return root
-
-
-def invoke(*args, expect=0):
-    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
 
 
 def caption(folder, out, ckpt, *extra):

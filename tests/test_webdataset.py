@@ -15,10 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_runner import invoke
 from factory import distinct_photos
-from typer.testing import CliRunner
 
-from vlmbatch.cli import app
 from vlmbatch.errors import ImageDecodeError, VlmbatchError, VlmbatchWarning
 from vlmbatch.model.siglip import SiglipVisionTower
 from vlmbatch.sources.decode import decode_stream
@@ -33,13 +32,7 @@ from vlmbatch.sources.shards import (
     webdataset_shards,
 )
 
-runner = CliRunner()
 PER_SHARD = 3
-
-
-@pytest.fixture(scope="module")
-def ckpt(make_ckpt):
-    return make_ckpt("pg1_untied", "hub", image_size=28, eos_boost=3.0).path
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +82,6 @@ def img2dataset_folder(root: Path, jpegs: list[bytes]) -> dict[str, bytes]:
                        root / f"{shard:05d}.parquet")
         (root / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": PER_SHARD}))
     return images
-
-
-def invoke(*args, expect=0):
-    result = runner.invoke(app, [*map(str, args)], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
 
 
 def caption(source, out, ckpt, *extra):
